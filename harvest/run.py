@@ -1,0 +1,201 @@
+"""`sae harvest`: run the model once over the text and write its activations, shard by shard, to a cache.
+
+Each shard is gathered in memory (batches never straddle a shard, so a resumed run computes exactly the
+batches an uninterrupted one would), then written by a background thread while the model computes the next.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from sae_common.model import LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
+from harvest.text import DataError, Position, open_documents, pack_contexts, separator_id
+from sae_common.cache_format import EXPECTED_RATIO, itemsize, layout_for, to_storage
+from sae_common.cache_writer import CacheWriter
+from sae_common.config import HarvestConfig, hook_names
+from sae_common.errors import UserError
+
+DEFAULT_ROOT = Path("cache")
+
+
+class HarvestError(UserError):
+    """A harvest that cannot start or could not finish; the message says what was kept."""
+
+
+def default_out(cfg: HarvestConfig, hooks: list[str], root: Path = DEFAULT_ROOT) -> Path:
+    model = Path(cfg.model).name if Path(cfg.model).expanduser().is_dir() else cfg.model.replace("/", "__")
+    return root / model / ("+".join(hooks) + ".zarr")
+
+
+def versions() -> dict[str, str]:
+    names = ["torch", "transformer-lens", "transformers", "zarr", "numcodecs", "datasets", "sae-cache"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def estimate_bytes(n_tokens: int, d_model: int, n_hooks: int, dtype: str, compression: str) -> int:
+    ratio = EXPECTED_RATIO.get((compression, dtype), 1.0)
+    return int(n_tokens * (n_hooks * d_model * itemsize(dtype) / ratio + 4))
+
+
+def check_disk(out: Path, needed: int) -> None:
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise HarvestError(f"the cache needs about {needed / 1e9:.2f} GB but {existing} has only {free / 1e9:.2f} GB "
+                           "free; free some space, ask for fewer --tokens, or write elsewhere with --out")
+
+
+def cache_meta(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], n_target: int) -> dict[str, Any]:
+    tok = loaded.tokenizer
+    d_model = int(loaded.bridge.cfg.d_model)
+    return {
+        "model": cfg.model, "model_load": loaded.record(), "hooks": hooks, "d_model": d_model,
+        "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos, "dtype": cfg.dtype,
+        "compression": cfg.compression, "target_tokens": n_target,
+        "layout": layout_for(d_model, cfg.dtype, cfg.context_size, cfg.rows_per_shard),
+        "dataset": {"source": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column,
+                    "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed, "packing": "eos-separated",
+                    "position": {"doc": 0, "offset": 0}},
+        "tokenizer": {"name_or_path": loaded.source, "class": type(tok).__name__, "vocab_size": len(tok),
+                      "bos_token_id": tok.bos_token_id, "separator_token_id": separator_id(tok)},
+        "versions": versions(), "config": cfg.to_dict(),
+    }
+
+
+def harvest(cfg: HarvestConfig, out: Path | None = None, *, overwrite: bool = False,
+            console: Console | None = None) -> Path:
+    """Run the harvest (or resume it) and return the cache path."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    hooks = hook_names(cfg.layers, cfg.hook)
+    n_target = (cfg.tokens // cfg.context_size) * cfg.context_size
+    if n_target == 0:
+        raise HarvestError(f"--tokens {cfg.tokens} is less than one context of {cfg.context_size} tokens")
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.model, hooks, device=device, dtype=resolve_model_dtype(cfg.model_dtype, device))
+    out = Path(out) if out is not None else default_out(cfg, hooks)
+    meta = cache_meta(cfg, loaded, hooks, n_target)
+    with CacheWriter.open(out, meta, identity=cfg.identity(), overwrite=overwrite) as writer:
+        if writer.meta["complete"]:
+            console.print(f"[green]{out} is already complete[/] ({writer.n_tokens:,} tokens); nothing to do")
+            return out
+        needed = estimate_bytes(n_target - writer.n_tokens, meta["d_model"], len(hooks), cfg.dtype, cfg.compression)
+        console.print(f"harvesting {n_target:,} tokens of {', '.join(hooks)} from {cfg.model} into {out}"
+                      + (f" (resuming at {writer.n_tokens:,})" if writer.n_tokens else "")
+                      + f"; estimated size still to write {needed / 1e6:,.1f} MB")
+        check_disk(out, needed)
+        _write_shards(cfg, loaded, hooks, writer, n_target, console)
+    return out
+
+
+def _write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], writer: CacheWriter, n_target: int,
+                  console: Console) -> None:
+    position = Position(**writer.meta["dataset"]["position"])
+    docs = open_documents(cfg.dataset, cfg.split, cfg.text_column, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+    contexts = pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position)
+    rows_s = writer.meta["layout"]["rows_per_shard"]
+    raw_row_bytes = len(hooks) * writer.meta["d_model"] * itemsize(cfg.dtype) + 4
+    pending: Future | None = None
+    stats = {"bytes": 0, "raw": 0}
+    done = writer.n_tokens
+    with _progress(console) as progress, ThreadPoolExecutor(max_workers=1) as pool:
+        task = progress.add_task("harvest", total=n_target, completed=done, written="0.0 MB", ratio="-")
+        while done < n_target:
+            rows = min(rows_s, n_target - done)
+            acts, tokens, position = _gather_shard(cfg, loaded, hooks, contexts, rows, position,
+                                                   lambda n: progress.advance(task, n))
+            if pending is not None:  # at most one shard in flight: overlap without unbounded memory
+                _account(pending, stats, progress, task)
+                pending = None
+            if len(tokens):
+                pending = pool.submit(_write, writer, acts, tokens, position, raw_row_bytes)
+                done += len(tokens)
+            if len(tokens) < rows:
+                break  # the dataset ran out
+        if pending is not None:
+            _account(pending, stats, progress, task)
+    if writer.n_tokens < n_target:
+        writer.finish(complete=False, exhausted=True)
+        raise HarvestError(f"the dataset {cfg.dataset!r} ran out after {writer.n_tokens:,} tokens "
+                           f"({n_target:,} asked for); the cache keeps those {writer.n_tokens:,} tokens")
+    writer.finish(complete=True)
+    console.print(f"[green]done[/]: {writer.n_tokens:,} tokens, {stats['bytes'] / 1e6:,.1f} MB on disk "
+                  f"(compression {stats['raw'] / max(stats['bytes'], 1):.2f}x)")
+
+
+def _gather_shard(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], contexts: Iterator, rows: int,
+                  position: Position, advance) -> tuple[dict[str, np.ndarray], np.ndarray, Position]:
+    """Run the model over the next `rows` tokens (whole contexts), batch by batch, into host arrays."""
+    n_ctx = rows // cfg.context_size
+    device = loaded.bridge.cfg.device
+    acts = {h: np.empty((rows, loaded.bridge.cfg.d_model), dtype=to_storage(torch.zeros(1), cfg.dtype).dtype)
+            for h in hooks}
+    tokens = np.empty(rows, dtype=np.int32)
+    filled = 0
+    while filled < n_ctx:
+        want = min(cfg.batch_size, n_ctx - filled)
+        batch = list(itertools.islice(contexts, want))
+        if not batch:
+            break
+        position = batch[-1][1]
+        tokens_BT = torch.tensor([ids for ids, _ in batch], dtype=torch.long, device=device)
+        out = run_hooks(loaded, tokens_BT, hooks)
+        r0, r1 = filled * cfg.context_size, (filled + len(batch)) * cfg.context_size
+        for h in hooks:
+            acts[h][r0:r1] = to_storage(out[h].reshape(-1, out[h].shape[-1]), cfg.dtype)
+        tokens[r0:r1] = tokens_BT.reshape(-1).cpu().numpy()
+        filled += len(batch)
+        advance(r1 - r0)
+        if len(batch) < want:
+            break  # the dataset ran out mid-batch
+    end = filled * cfg.context_size
+    return {h: a[:end] for h, a in acts.items()}, tokens[:end], position
+
+
+def _write(writer: CacheWriter, acts, tokens, position: Position, raw_row_bytes: int) -> tuple[int, int]:
+    progress = {"dataset": {**writer.meta["dataset"], "position": {"doc": position.doc, "offset": position.offset}}}
+    try:
+        written = writer.write_shard(acts, tokens, progress)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise HarvestError(f"the disk is full while writing shard {writer.n_shards} of {writer.path}; the cache "
+                               f"keeps its {writer.n_tokens:,} complete tokens and resumes when you rerun the same "
+                               "command with space free") from e
+        raise
+    return written, len(tokens) * raw_row_bytes
+
+
+def _account(pending: Future, stats: dict, progress: Progress, task) -> None:
+    written, raw = pending.result()
+    stats["bytes"] += written
+    stats["raw"] += raw
+    progress.update(task, written=f"{stats['bytes'] / 1e6:,.1f} MB", ratio=f"{stats['raw'] / stats['bytes']:.2f}x")
+
+
+class _TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} tok/s", style="cyan")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"), _TokensPerSecond(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[written]} written, ratio {task.fields[ratio]}"),
+                    console=console)

@@ -1,0 +1,125 @@
+"""Text -> packed token contexts, with a position that lets a resumed harvest continue exactly where it was.
+
+Documents are tokenized without special tokens, each followed by a separator (EOS, or BOS when the tokenizer
+has no EOS), concatenated, and cut into contexts of `context_size` tokens; with `prepend_bos` each context is
+BOS + (context_size - 1) tokens. A context's position is (document index, token offset into that document's
+tokens incl. its separator) of its first non-BOS token, so resuming skips documents without tokenizing them.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sae_common.errors import UserError
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TOKENIZE_GROUP = 64  # documents tokenized per call (fast tokenizers batch well)
+
+
+class DataError(UserError):
+    """A dataset that cannot be found or read, or lacks the text column."""
+
+
+@dataclass(frozen=True)
+class Position:
+    doc: int = 0
+    offset: int = 0
+
+
+def local_files(dataset: str) -> list[str] | None:
+    """The files a local dataset names (a file, a folder or a glob), or None if it is not local."""
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
+        if not files:
+            raise DataError(f"the folder {dataset} holds no {', '.join(BUILDERS)} files")
+        return files
+    if path.is_file():
+        return [str(path)]
+    if any(c in dataset for c in "*?["):
+        files = sorted(glob.glob(str(path), recursive=True))
+        if not files:
+            raise DataError(f"no files match {dataset}")
+        return files
+    if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in BUILDERS:
+        raise DataError(f"{dataset} does not exist")
+    return None
+
+
+def open_documents(dataset: str, split: str, text_column: str, *, shuffle_buffer: int = 0,
+                   seed: int = 0) -> Iterable[str]:
+    """A stream of document texts from a hub dataset (streamed) or local files, in a fixed order."""
+    import datasets
+
+    files = local_files(dataset)
+    try:
+        if files is not None:
+            suffixes = {Path(f).suffix for f in files}
+            if len(suffixes) != 1 or next(iter(suffixes)) not in BUILDERS:
+                raise DataError(f"{dataset} mixes or has unsupported file types {sorted(suffixes)}; "
+                                f"use one of {', '.join(BUILDERS)}")
+            builder = BUILDERS[suffixes.pop()]
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        else:
+            ds = datasets.load_dataset(dataset, split=split, streaming=True)
+        first = next(iter(ds), None)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, unknown id, bad split: the reason is the message
+        raise DataError(f"cannot read the dataset {dataset!r} (split {split!r}): {type(e).__name__}: {e}") from e
+    if first is None:
+        raise DataError(f"the dataset {dataset!r} (split {split!r}) is empty")
+    if text_column not in first:
+        raise DataError(f"the dataset {dataset!r} has no column {text_column!r}; its columns are: "
+                        f"{', '.join(first)}. Choose one with --text-column")
+    if shuffle_buffer:
+        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    return (row[text_column] for row in ds)
+
+
+def separator_id(tokenizer: Any) -> int:
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if sep is None:
+        raise DataError("the tokenizer has neither an EOS nor a BOS token to separate documents")
+    return int(sep)
+
+
+def pack_contexts(docs: Iterable[str], tokenizer: Any, context_size: int, prepend_bos: bool,
+                  start: Position = Position()) -> Iterator[tuple[list[int], Position]]:
+    """Yield (context token ids, position of the NEXT context) from `start` on."""
+    bos = tokenizer.bos_token_id
+    if prepend_bos and bos is None:
+        raise DataError("--prepend-bos needs a tokenizer with a BOS token; this one has none (use --no-prepend-bos)")
+    sep = separator_id(tokenizer)
+    body = context_size - 1 if prepend_bos else context_size
+    head = [bos] if prepend_bos else []
+    buf: list[int] = []
+    docs = itertools.islice(docs, start.doc, None)  # skipping documents costs no tokenization
+    for group_start, group in _groups(docs, start.doc):
+        encoded = tokenizer(group, add_special_tokens=False)["input_ids"]
+        for doc, ids in enumerate(encoded, start=group_start):
+            ids = ids + [sep]
+            offset = start.offset if doc == start.doc else 0
+            ids = ids[offset:]
+            carried = len(buf)
+            buf.extend(ids)
+            n_full = len(buf) // body
+            for j in range(n_full):
+                # Context j ends inside this document (n_full > 0 implies body > carried), so the next
+                # context starts at this document's offset + (j + 1) * body - carried.
+                yield head + buf[j * body:(j + 1) * body], Position(doc, offset + (j + 1) * body - carried)
+            del buf[:n_full * body]
+
+
+def _groups(docs: Iterable[str], first_index: int) -> Iterator[tuple[int, list[str]]]:
+    it = iter(docs)
+    index = first_index
+    while group := list(itertools.islice(it, TOKENIZE_GROUP)):
+        yield index, group
+        index += len(group)

@@ -1,0 +1,139 @@
+"""The `sae` command: one click group; each command imports its stage only when it runs (`sae --help` is instant).
+
+Options take their defaults and help from the config dataclasses, and `Config(**options)` is the bridge.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from sae_common.config import HarvestConfig, default, field_doc, parse_count
+from sae_common.errors import UserError
+
+
+def option(cls: type, name: str, *decls: str, **kwargs: Any) -> Callable:
+    """A click option whose default and help come from the dataclass field `name` of `cls`."""
+    kwargs.setdefault("default", default(cls, name))
+    kwargs.setdefault("help", field_doc(cls, name))
+    kwargs.setdefault("show_default", True)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, **kwargs)
+
+
+def _count(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return parse_count(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Errors a user can cause become a one-line message and exit code 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: every complete shard is kept; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """Harvest language-model activations once; train and evaluate many sparse autoencoders from them."""
+
+
+@main.command()
+@option(HarvestConfig, "model")
+@option(HarvestConfig, "layers", "--layer", "-l", type=int, multiple=True, help="Layer(s) to harvest (repeatable).")
+@option(HarvestConfig, "hook")
+@option(HarvestConfig, "dataset")
+@option(HarvestConfig, "split")
+@option(HarvestConfig, "text_column")
+@option(HarvestConfig, "tokens", type=str, callback=_count)
+@option(HarvestConfig, "context_size", type=int)
+@option(HarvestConfig, "prepend_bos", "--prepend-bos/--no-prepend-bos")
+@option(HarvestConfig, "shuffle_buffer", type=int)
+@option(HarvestConfig, "seed", type=int)
+@option(HarvestConfig, "dtype", type=click.Choice(["bfloat16", "float16", "float32"]))
+@option(HarvestConfig, "model_dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@option(HarvestConfig, "compression", type=click.Choice(["zstd", "lz4", "none"]))
+@option(HarvestConfig, "rows_per_shard", type=int)
+@option(HarvestConfig, "batch_size", type=int)
+@option(HarvestConfig, "device")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Cache directory (default: cache/<model>/<hooks>.zarr).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache made with a different config.")
+@user_errors
+def harvest(out: Path | None, overwrite: bool, **options: Any) -> None:
+    """Run the model once over a dataset and write its activations to a compressed, sharded Zarr cache.
+
+    Rerunning the same command resumes an interrupted harvest from its last complete shard.
+    """
+    from harvest.run import harvest as run_harvest
+
+    options["layers"] = tuple(options["layers"]) or default(HarvestConfig, "layers")
+    path = run_harvest(HarvestConfig(**options), out, overwrite=overwrite)
+    click.echo(str(path))
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and verify activation caches."""
+
+
+@cache.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the cache's metadata as JSON.")
+@user_errors
+def info(path: Path, as_json: bool) -> None:
+    """What is in a cache: model, hooks, tokens, size on disk and compression ratio."""
+    from sae_common.cache_format import itemsize, open_cache
+
+    c = open_cache(path)
+    if as_json:
+        click.echo(json.dumps(c.meta, indent=2))
+        return
+    disk = c.disk_bytes()
+    raw = c.n_tokens * (len(c.hooks) * c.d_model * itemsize(c.dtype) + 4)
+    state = "complete" if c.meta.get("complete") else ("dataset ran out" if c.meta.get("exhausted") else "incomplete")
+    rows = [("path", str(c.path)), ("model", c.meta["model"]), ("hooks", ", ".join(c.hooks)),
+            ("d_model", c.d_model), ("tokens", f"{c.n_tokens:,} of {c.meta.get('target_tokens', c.n_tokens):,} ({state})"),
+            ("context size", c.meta["context_size"]), ("dtype", f"{c.dtype}, {c.meta['compression']}"),
+            ("shards", f"{len(c.meta['shards'])} of up to {c.meta['layout']['rows_per_shard']:,} rows"),
+            ("dataset", c.meta["dataset"]["source"]),
+            ("size on disk", f"{disk / 1e6:,.1f} MB (raw {raw / 1e6:,.1f} MB, ratio {raw / max(disk, 1):.2f}x)")]
+    for key, value in rows:
+        click.echo(f"{key:>13}: {value}")
+
+
+@cache.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@user_errors
+def verify(path: Path) -> None:
+    """Check every shard is present and matches its checksum; exit 1 naming each bad shard."""
+    from sae_common.cache_format import open_cache, verify as verify_cache
+
+    c = open_cache(path)
+    problems = verify_cache(c)
+    if problems:
+        for p in problems:
+            click.echo(f"BAD: {p}", err=True)
+        raise click.ClickException(f"{path} failed verification ({len(problems)} problem(s))")
+    click.echo(f"OK: {len(c.meta['shards'])} shard(s), {c.n_tokens:,} tokens, every checksum matches")
+
+
+if __name__ == "__main__":
+    main()
