@@ -28,8 +28,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 COMPRESSIONS = ("zstd", "lz4", "none")
 
 # Zarr has no bfloat16: its raw bits are stored as uint16 and viewed back on read.
-_STORAGE_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
-_TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+STORAGE_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Measured compression ratios of residual-stream activations with Blosc zstd-1 + byte shuffle (DESIGN.md);
 # used only to estimate the size of a cache before writing it. Anything unmeasured is assumed incompressible.
 EXPECTED_RATIO = {("zstd", "bfloat16"): 1.45, ("zstd", "float16"): 1.17}
@@ -43,12 +43,12 @@ def acts_path(hook: str) -> str:
 
 
 def itemsize(dtype: str) -> int:
-    return np.dtype(_STORAGE_DTYPE[dtype]).itemsize
+    return np.dtype(STORAGE_DTYPE[dtype]).itemsize
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     """A float tensor -> the numpy array stored for the logical `dtype` (bf16 -> its uint16 bits)."""
-    x = x.detach().to("cpu", _TORCH_DTYPE[dtype]).contiguous()
+    x = x.detach().to("cpu", TORCH_DTYPE[dtype]).contiguous()
     if dtype == "bfloat16":
         return x.view(torch.int16).numpy().view(np.uint16)
     return x.numpy()

@@ -24,7 +24,7 @@ from sae_common.cache_format import (
     TOKENS,
     Cache,
     CacheError,
-    _STORAGE_DTYPE,
+    STORAGE_DTYPE,
     acts_path,
     compressors,
     file_sha256,
@@ -86,7 +86,7 @@ class CacheWriter:
         rows_c, rows_s = layout["rows_per_chunk"], layout["rows_per_shard"]
         codecs = compressors(meta["compression"], dtype)
         for hook in meta["hooks"]:
-            group.create_array(acts_path(hook), shape=(0, meta["d_model"]), dtype=_STORAGE_DTYPE[dtype],
+            group.create_array(acts_path(hook), shape=(0, meta["d_model"]), dtype=STORAGE_DTYPE[dtype],
                                chunks=(rows_c, meta["d_model"]), shards=(rows_s, meta["d_model"]),
                                compressors=codecs, fill_value=0)
         group.create_array(TOKENS, shape=(0,), dtype=np.int32, chunks=(rows_c,), shards=(rows_s,),

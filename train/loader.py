@@ -1,0 +1,190 @@
+"""The data path of `sae train`: shuffled batches of one hook's activations, read from a cache chunk by chunk.
+
+The loader never reads row by row. Each epoch visits the inner chunks of a row range in a random order,
+groups them into windows of whole chunks (about `shuffle_tokens` rows), and permutes the rows of each window.
+The row stream is the concatenation of those windows over epochs, and batch i is rows [i*B, (i+1)*B) of it, so
+a batch may straddle windows and epochs. The stream is a pure function of (seed, rows, chunk size, window
+size): a checkpoint only needs the batch index to resume (`start_batch`), and resuming decodes nothing before
+the window that holds the first row wanted.
+
+Chunks are decoded by a thread pool (Blosc releases the GIL) one window ahead of the window being served;
+one more thread gathers batches and keeps `prefetch` of them ready, so decoding overlaps the training step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from sae_common.cache_format import TORCH_DTYPE, Cache, CacheError, from_storage, holdout_start
+
+
+# -- the stream: pure functions of the seed and the geometry ---------------------------------------------
+
+def chunk_spans(rows: tuple[int, int], rows_per_chunk: int) -> np.ndarray:
+    """[start, stop) of each inner chunk's part of `rows`, shape (U, 2); the first and last may be partial."""
+    start, stop = rows
+    edges = np.arange(start // rows_per_chunk * rows_per_chunk, stop, rows_per_chunk)
+    return np.stack([np.maximum(edges, start), np.minimum(edges + rows_per_chunk, stop)], axis=1)
+
+
+@functools.lru_cache(maxsize=4)  # asked for once per window; a permutation of all the chunks is not free
+def epoch_windows(seed: int, epoch: int, n_chunks: int, chunks_per_window: int) -> tuple[np.ndarray, ...]:
+    """The chunk indices of each window of an epoch: a fresh permutation, split into near-equal windows.
+
+    Splitting evenly (rather than full windows and a short remainder) keeps the last window as well shuffled
+    as the others.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n_chunks)
+    return tuple(np.array_split(order, math.ceil(n_chunks / chunks_per_window)))
+
+
+def window_order(seed: int, epoch: int, window: int, n_rows: int) -> np.ndarray:
+    """The permutation of a window's rows (rows laid out in the window's chunk order)."""
+    return np.random.default_rng([seed, epoch, window]).permutation(n_rows)
+
+
+# -- the loader ------------------------------------------------------------------------------------------
+
+class ActivationLoader:
+    """`n_batches` batches `x_BD` of one hook (the CLI asks for tokens: n_batches = tokens // batch_size).
+
+    rows: the [start, stop) row range read; default (0, holdout_start(cache)), the training rows.
+    shuffle_tokens: rows per shuffle window, rounded to whole chunks; two windows are held in memory.
+    workers: threads decoding chunks; prefetch: batches kept ready ahead of the consumer.
+    start_batch: resume here; batches start_batch..n_batches-1 are yielded, equal to an uninterrupted run's.
+    Iterating starts fresh background threads each time; closing or dropping the iterator stops them.
+    """
+
+    def __init__(self, cache: Cache, hook: str, *, batch_size: int, n_batches: int, rows: tuple[int, int] | None = None,
+                 seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 shuffle_tokens: int = 131072, workers: int = 2, prefetch: int = 4, start_batch: int = 0):
+        start, stop = rows = (0, holdout_start(cache)) if rows is None else rows
+        if not 0 <= start < stop <= cache.n_tokens:
+            raise ValueError(f"rows {rows} is not a non-empty range inside the cache's {cache.n_tokens} rows")
+        if not 0 <= start_batch <= n_batches:
+            raise ValueError(f"start_batch={start_batch} must be between 0 and n_batches={n_batches}")
+        if batch_size < 1 or workers < 1 or prefetch < 1:
+            raise ValueError(f"batch_size ({batch_size}), workers ({workers}) and prefetch ({prefetch}) must be >= 1")
+        self.array, self.path, self.cache_dtype = cache.acts(hook), cache.path, cache.dtype
+        self.rows, self.d_model = rows, cache.d_model
+        self.rows_per_chunk = cache.meta["layout"]["rows_per_chunk"]
+        self.spans_U2 = chunk_spans(rows, self.rows_per_chunk)
+        self.chunks_per_window = max(1, round(shuffle_tokens / self.rows_per_chunk))
+        self.batch_size, self.n_batches, self.start_batch, self.seed = batch_size, n_batches, start_batch, seed
+        self.device, self.dtype = torch.device(device), dtype
+        self.workers, self.prefetch = workers, prefetch
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+    @property
+    def epochs(self) -> int:
+        """How many passes over the rows `n_batches` batches take (the last one possibly partial)."""
+        return math.ceil(self.n_batches * self.batch_size / self.n_rows)
+
+    def __len__(self) -> int:
+        return self.n_batches - self.start_batch
+
+    def windows(self, epoch: int) -> tuple[np.ndarray, ...]:
+        return epoch_windows(self.seed, epoch, len(self.spans_U2), self.chunks_per_window)
+
+    def locate(self, row: int) -> tuple[int, int, int]:
+        """(epoch, window, offset in the window) of row `row` of the stream; decodes nothing."""
+        epoch, offset = divmod(row, self.n_rows)
+        lengths_U = self.spans_U2[:, 1] - self.spans_U2[:, 0]
+        ends = np.cumsum([lengths_U[w].sum() for w in self.windows(epoch)])
+        window = int(np.searchsorted(ends, offset, side="right"))
+        return epoch, window, offset - (int(ends[window - 1]) if window else 0)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if len(self) == 0:
+            return
+        batches: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="loader-decode")
+        producer = threading.Thread(target=self._produce, args=(batches, stop, pool), name="loader-batches", daemon=True)
+        producer.start()
+        try:
+            for _ in range(len(self)):
+                x_BD = batches.get()
+                if isinstance(x_BD, BaseException):
+                    raise x_BD
+                if self.device.type == "cuda":
+                    # Copy the pinned storage-dtype rows first and convert on the GPU: `.to(device, dtype)` would
+                    # convert on the CPU into unpinned memory, doubling the bytes and making the copy synchronous.
+                    x_BD = x_BD.to(self.device, non_blocking=True)
+                yield x_BD.to(self.dtype)
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            producer.join()
+            pool.shutdown(wait=True)
+
+    # -- background: decode windows, gather batches ----------------------------------------------------
+
+    def _produce(self, batches: queue.Queue, stop: threading.Event, pool: ThreadPoolExecutor) -> None:
+        try:
+            epoch, window, offset = self.locate(self.start_batch * self.batch_size)
+            B, wanted = self.batch_size, len(self) * self.batch_size  # rows still to hand out
+            pending = self._submit(pool, epoch, window)
+            x_BD, filled = None, 0
+            while wanted and not stop.is_set():
+                window_RD, order_R = self._collect(pending)
+                if len(window_RD) - offset < wanted:  # decode the next window while this one is served
+                    epoch, window = (epoch, window + 1) if window + 1 < len(self.windows(epoch)) else (epoch + 1, 0)
+                    pending = self._submit(pool, epoch, window)
+                while offset < len(window_RD) and wanted:
+                    if x_BD is None:
+                        x_BD = torch.empty((B, self.d_model), dtype=window_RD.dtype, pin_memory=self.device.type == "cuda")
+                    take = min(B - filled, len(window_RD) - offset)
+                    torch.index_select(window_RD, 0, order_R[offset:offset + take], out=x_BD[filled:filled + take])
+                    offset, filled, wanted = offset + take, filled + take, wanted - take
+                    if filled == B:
+                        if not _put(batches, x_BD, stop):
+                            return
+                        x_BD, filled = None, 0
+                offset = 0
+        except BaseException as e:  # surfaces in the consumer, with the chunk named by `_read_chunk`
+            _put(batches, e, stop)
+
+    def _submit(self, pool: ThreadPoolExecutor, epoch: int, window: int) -> tuple:
+        """Start decoding a window's chunks into one buffer, laid out in the window's chunk order."""
+        spans_W2 = self.spans_U2[self.windows(epoch)[window]]
+        lengths = spans_W2[:, 1] - spans_W2[:, 0]
+        window_RD = torch.empty((int(lengths.sum()), self.d_model), dtype=TORCH_DTYPE[self.cache_dtype])
+        at = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        futures = [pool.submit(self._read_chunk, window_RD, int(a), int(s), int(e)) for a, (s, e) in zip(at, spans_W2)]
+        return epoch, window, window_RD, futures
+
+    def _collect(self, pending: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, window, window_RD, futures = pending
+        for future in futures:
+            future.result()
+        return window_RD, torch.from_numpy(window_order(self.seed, epoch, window, len(window_RD)))
+
+    def _read_chunk(self, window_RD: torch.Tensor, at: int, start: int, stop: int) -> None:
+        try:
+            window_RD[at:at + stop - start] = from_storage(self.array[start:stop], self.cache_dtype)
+        except Exception as e:
+            raise CacheError(f"could not read rows {start}:{stop} (chunk {start // self.rows_per_chunk}) of "
+                             f"{self.array.path} in the cache {self.path}: {type(e).__name__}: {e}") from e
+
+
+def _put(batches: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Queue `item` unless the consumer has gone; returns whether it was queued."""
+    while not stop.is_set():
+        try:
+            batches.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
