@@ -1,0 +1,263 @@
+"""The SAE architectures: one small `Arch` entry per sparsifying activation, in the plain dict `ARCHS`.
+
+Architectures differ only in (DESIGN.md, "SAEs"):
+- the training activation: pre-activations -> sparse latents, possibly looking at the whole batch;
+- for batch-level ones, inference uses a threshold estimated in training instead (held by the SAE);
+- an optional penalty (relu: L1, jumprelu: L0) and an optional auxiliary loss (AuxK, aux_zipf);
+- the SAELens architecture it is exported as.
+Everything else (decoder constraint, dead-latent bookkeeping, input normalisation, saving) is shared and
+lives in sae.py / sae_io.py. To add an architecture: write its activation (and penalty / aux if any) as
+functions below and add one `Arch(...)` line to ARCHS.
+
+Math here is pure functions of tensors. Entry functions take the SAE (`sae`) only to read its config,
+parameters and bookkeeping buffers. Shapes: B tokens, D d_in, F latents, K kept per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from sae_common.sae import SAE, SAEConfig
+
+
+# ---------------------------------------------------------------- sparsifying selections (pure)
+
+def topk_per_token(acts_BF: Tensor, k: int) -> Tensor:
+    """Keep the k largest latents of each token (Gao et al. 2024)."""
+    vals_BK, idx_BK = acts_BF.topk(k, dim=-1)
+    return torch.zeros_like(acts_BF).scatter(-1, idx_BK, vals_BK)
+
+
+def batch_topk(acts_BF: Tensor, n_keep: int) -> Tensor:
+    """Keep the n_keep largest entries of the whole token x latent matrix (BatchTopK paper, n_keep = k*B)."""
+    vals, idx = acts_BF.flatten().topk(n_keep)
+    return torch.zeros_like(acts_BF).flatten().scatter(0, idx, vals).view_as(acts_BF)
+
+
+def feature_choice(acts_BF: Tensor, n_keep: int) -> Tensor:
+    """Each latent keeps its best m_f tokens of the batch, with sum_f m_f = n_keep (Ayonrinde 2024, Feature Choice).
+
+    Capacities are as equal as the budget allows: m_f = floor(n_keep/F) for every latent, and the
+    remaining n_keep mod F slots go, one each, to the latents whose next-best token is strongest (so the
+    result is deterministic and each latent gets floor or ceil of n_keep/F). Needs n_keep/F < B (k < F).
+    """
+    B, F = acts_BF.shape
+    m, extra = divmod(n_keep, F)
+    vals_MF, idx_MF = acts_BF.topk(min(m + 1, B), dim=0)
+    keep_MF = torch.zeros_like(vals_MF, dtype=torch.bool)
+    keep_MF[:m] = True
+    if extra:
+        keep_MF[m, vals_MF[m].topk(extra).indices] = True
+    mask_BF = torch.zeros_like(acts_BF, dtype=torch.bool).scatter(0, idx_MF, keep_MF)
+    return acts_BF * mask_BF
+
+
+# ---------------------------------------------------------------- JumpReLU with straight-through estimators
+
+def rectangle(u: Tensor) -> Tensor:
+    """Rectangle kernel K(u) = 1 on (-1/2, 1/2) (Rajamanoharan et al. 2024, JumpReLU paper, eq. 10)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """JumpReLU(z; θ) = z·H(z − θ). Pseudo-derivative wrt θ: −(θ/ε)·K((z−θ)/ε) (JumpReLU paper, eq. 11).
+
+    It is the derivative wrt θ itself: when θ = exp(log_threshold), autograd multiplies by θ again on the
+    way to log_threshold. (The BatchTopK reference returns this value as the log-threshold gradient, which
+    drops that factor; see tests/test_golden.py.)
+    """
+
+    @staticmethod
+    def forward(ctx, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return torch.where(pre_BF > theta_F, pre_BF, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_BF: Tensor):
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta_F = (-(theta_F / eps) * rectangle((pre_BF - theta_F) / eps) * grad_BF).sum(0)
+        return grad_BF * (pre_BF > theta_F), grad_theta_F, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z − θ) with pseudo-derivative −(1/ε)·K((z−θ)/ε) wrt θ and none wrt z (JumpReLU paper, eq. 12)."""
+
+    @staticmethod
+    def forward(ctx, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return (pre_BF > theta_F).to(pre_BF.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_BF: Tensor):
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta_F = (-(1.0 / eps) * rectangle((pre_BF - theta_F) / eps) * grad_BF).sum(0)
+        return None, grad_theta_F, None
+
+
+def jump_relu(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    return _JumpReLU.apply(pre_BF, theta_F, bandwidth)
+
+
+def step(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    return _Step.apply(pre_BF, theta_F, bandwidth)
+
+
+# ---------------------------------------------------------------- auxiliary losses (pure)
+
+def aux_reconstruction_loss(pre_BF: Tensor, weight_F: Tensor, W_dec_FD: Tensor, residual_BD: Tensor,
+                            aux_k: int) -> Tensor:
+    """mean_{b,d} (ê − e)², ê = TopK_aux(w ⊙ ReLU(z)) · W_dec: the weighted latents reconstruct the residual.
+
+    With w = 1 on dead latents and 0 elsewhere this is AuxK (Gao et al. 2024, §A.2), with the mean over
+    all B*D elements as the BatchTopK reference (no b_dec in ê). The residual e = x − x̂ is DETACHED, as in
+    Gao et al. and openai/sparse_autoencoder: the auxiliary loss should move the candidate latents, not
+    pull the main reconstruction towards them. (The BatchTopK reference does not detach it.)
+    """
+    cand_F = weight_F > 0
+    n_cand = int(cand_F.sum())
+    if n_cand == 0:
+        return pre_BF.new_zeros(())
+    acts_BC = torch.relu(pre_BF[:, cand_F]) * weight_F[cand_F]
+    e_hat_BD = topk_per_token(acts_BC, min(aux_k, n_cand)) @ W_dec_FD[cand_F]
+    return (e_hat_BD - residual_BD.detach()).pow(2).mean()
+
+
+def zipf_underuse_weights(density_F: Tensor, dead_F: Tensor, k: float, exponent: float) -> Tensor:
+    """Per-latent weight of aux_zipf_loss: how far each latent falls short of its Zipf-law firing density.
+
+    Latents ranked by running density (r = 1 the most frequent) get the target density
+        t_r = k · r^(−α) / Σ_{j=1..F} j^(−α)        (Σ_r t_r = k, the budget of active latents per token)
+    and the weight w_f = clamp(1 − d_f / t_{r_f}, 0, 1); dead latents get w_f = 1. Latents that fire at
+    least as often as Zipf's law predicts for their rank get 0 (Ayonrinde 2024: feature densities follow
+    a Zipf law except at the low end, where latents are dying or under-used).
+    """
+    F = density_F.numel()
+    rank_F = torch.empty_like(density_F)
+    rank_F[density_F.argsort(descending=True, stable=True)] = torch.arange(
+        1, F + 1, dtype=density_F.dtype, device=density_F.device)
+    zipf_F = rank_F.pow(-exponent)
+    target_F = k * zipf_F / zipf_F.sum()
+    weight_F = (1 - density_F / target_F).clamp(0, 1)
+    return torch.where(dead_F, torch.ones_like(weight_F), weight_F)
+
+
+# ---------------------------------------------------------------- the entries' functions (read the SAE)
+
+def _relu(sae: SAE, pre_BF: Tensor) -> Tensor:
+    return torch.relu(pre_BF)
+
+
+def _topk(sae: SAE, pre_BF: Tensor) -> Tensor:
+    return topk_per_token(torch.relu(pre_BF), sae.cfg.k)
+
+
+def _batchtopk(sae: SAE, pre_BF: Tensor) -> Tensor:
+    return batch_topk(torch.relu(pre_BF), sae.cfg.k * pre_BF.shape[0])
+
+
+def _feature_choice(sae: SAE, pre_BF: Tensor) -> Tensor:
+    return feature_choice(torch.relu(pre_BF), sae.cfg.k * pre_BF.shape[0])
+
+
+def _jumprelu(sae: SAE, pre_BF: Tensor) -> Tensor:
+    return jump_relu(pre_BF, sae.log_threshold.exp(), sae.cfg.bandwidth)
+
+
+def _l1_penalty(sae: SAE, pre_BF: Tensor, acts_BF: Tensor) -> Tensor:
+    """l1_coeff · mean_b Σ_f f_bf ‖W_dec,f‖: weighting by decoder norm makes the penalty independent of how
+    the scale is split between latent and decoder row (Anthropic, April 2024 update)."""
+    return sae.cfg.l1_coeff * (acts_BF * sae.W_dec.norm(dim=1)).sum(-1).mean()
+
+
+def _l0_penalty(sae: SAE, pre_BF: Tensor, acts_BF: Tensor) -> Tensor:
+    """l0_coeff · mean_b Σ_f H(z_bf − θ_f), the step taken on PRE-activations (JumpReLU paper, eq. 9)."""
+    return sae.cfg.l0_coeff * step(pre_BF, sae.log_threshold.exp(), sae.cfg.bandwidth).sum(-1).mean()
+
+
+def _auxk(sae: SAE, pre_BF: Tensor, acts_BF: Tensor, residual_BD: Tensor) -> Tensor:
+    dead_F = sae.dead_mask()
+    return sae.cfg.aux_coeff * aux_reconstruction_loss(pre_BF, dead_F.to(pre_BF.dtype), sae.W_dec,
+                                                       residual_BD, sae.cfg.aux_k)
+
+
+# README block: aux_zipf_loss (feature_choice, mutual_choice) -------------------------------------------
+# Ayonrinde (2024) observes that latent densities follow a Zipf law except at the low end, and proposes
+# aux_zipf_loss, a generalisation of AuxK (Gao et al. 2024) to dead AND under-used latents. The paper
+# describes it in words; this project implements it as:
+#
+#     d_f    running fraction of training tokens on which latent f fires (EMA, time constant stats_window)
+#     r_f    rank of latent f by d_f (1 = most frequent)
+#     t_f  = k · r_f^(−α) / Σ_{j=1..F} j^(−α)     Zipf-law target density; Σ_f t_f = k  (α = zipf_exponent = 1)
+#     w_f  = 1 if f is dead, else clamp(1 − d_f / t_f, 0, 1)
+#     ê_b  = Σ_{f ∈ TopK_aux_k(w ⊙ ReLU(z_b))} w_f · ReLU(z_bf) · W_dec,f
+#     L_aux = aux_coeff · mean_{b,d} (ê_bd − sg(x_bd − x̂_bd))²       (aux_k = 512, aux_coeff = 1/32)
+#
+# z are the encoder pre-activations, sg the stop-gradient, everything in the normalised input space.
+# With w ∈ {0, 1} marking only the dead latents this is exactly AuxK.
+# -----------------------------------------------------------------------------------------------------
+
+def _aux_zipf(sae: SAE, pre_BF: Tensor, acts_BF: Tensor, residual_BD: Tensor) -> Tensor:
+    """aux_zipf_loss: L_aux = aux_coeff · mean (ê − sg(x − x̂))², ê = TopK_aux(w ⊙ ReLU(z)) · W_dec with
+    w = zipf_underuse_weights(density, dead, k, α): dead latents weigh 1, latents at or above their
+    Zipf-law density 0 (see the README block above)."""
+    weight_F = zipf_underuse_weights(sae.density, sae.dead_mask(), sae.cfg.k, sae.cfg.zipf_exponent)
+    return sae.cfg.aux_coeff * aux_reconstruction_loss(pre_BF, weight_F.to(pre_BF.dtype), sae.W_dec,
+                                                       residual_BD, sae.cfg.aux_k)
+
+
+def _jumprelu_params(cfg: SAEConfig) -> dict[str, Tensor]:
+    # log-parameterised so θ stays positive (JumpReLU paper, appendix J)
+    return {"log_threshold": torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold))}
+
+
+def _jumprelu_threshold(sae: SAE) -> Tensor:
+    return sae.log_threshold.exp()
+
+
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture. Only `activation` and `saelens` are required."""
+
+    activation: Callable[..., Tensor]
+    """(sae, pre_BF) -> acts_BF, the training activation (and the one eval uses with batch_mode=True)."""
+    saelens: str
+    """The SAELens 6.x architecture it is exported as: standard, topk or jumprelu."""
+    uses_k: bool = False
+    """Whether cfg.k means something (and must satisfy 1 <= k < d_sae)."""
+    batch_level: bool = False
+    """Selection depends on the whole batch: inference uses a threshold estimated in training instead."""
+    per_latent_threshold: bool = False
+    """(batch-level only) one estimated threshold per latent instead of one global θ."""
+    penalty: Callable[..., Tensor] | None = None
+    """(sae, pre_BF, acts_BF) -> scalar sparsity penalty added to the loss."""
+    aux: Callable[..., Tensor] | None = None
+    """(sae, pre_BF, acts_BF, residual_BD) -> scalar auxiliary loss added to the loss."""
+    extra_params: Callable[..., dict[str, Tensor]] | None = None
+    """cfg -> {name: initial tensor}: extra parameters the SAE registers."""
+    threshold: Callable[..., Tensor] | None = None
+    """(not batch-level) sae -> learned inference threshold [F], exported to SAELens jumprelu."""
+
+
+ARCHS: dict[str, Arch] = {
+    "relu": Arch(_relu, "standard", penalty=_l1_penalty),
+    "topk": Arch(_topk, "topk", uses_k=True, aux=_auxk),
+    "batchtopk": Arch(_batchtopk, "jumprelu", uses_k=True, batch_level=True, aux=_auxk),
+    "jumprelu": Arch(_jumprelu, "jumprelu", penalty=_l0_penalty, extra_params=_jumprelu_params,
+                     threshold=_jumprelu_threshold),
+    "feature_choice": Arch(_feature_choice, "jumprelu", uses_k=True, batch_level=True,
+                           per_latent_threshold=True, aux=_aux_zipf),
+    # the BatchTopK allocation (top k*B of the token x latent matrix) with aux_zipf_loss
+    "mutual_choice": Arch(_batchtopk, "jumprelu", uses_k=True, batch_level=True, aux=_aux_zipf),
+}

@@ -1,0 +1,250 @@
+"""The SAE module shared by training and evaluation: `SAEConfig` (what defines an SAE) and `SAE` (its
+parameters, input normalisation, encode/decode/loss, decoder constraint and training bookkeeping).
+
+The per-architecture pieces are entries of architectures.ARCHS; this file holds what they share.
+Shapes: B tokens, D d_in, F latents (d_sae).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sae_common.architectures import ARCHS, Arch
+from sae_common.errors import ConfigError
+
+INPUT_NORMS = ("none", "standardize", "scalar")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Everything that defines an SAE. Saved beside it (sae_record.json); enough to rebuild it."""
+
+    d_in: int
+    """Width of the activations the SAE reads (d_model at the hook)."""
+    d_sae: int
+    """Number of latents F (dictionary size)."""
+    arch: str = "batchtopk"
+    """Architecture, a key of architectures.ARCHS: relu, topk, batchtopk, jumprelu, feature_choice, mutual_choice."""
+    k: int = 32
+    """Active latents per token: exactly k (topk), k on average over the batch (batchtopk, feature_choice,
+    mutual_choice). Unused by relu and jumprelu. BatchTopK paper: k in {16, 32, 64}."""
+    l1_coeff: float = 0.01
+    """relu: weight of the L1 penalty sum_f f_i·‖W_dec,i‖ (the reference's relu test case uses 0.01; sweep it)."""
+    l0_coeff: float = 0.002
+    """jumprelu: weight λ of the L0 penalty (the reference's jumprelu test case uses 0.002; sweep it)."""
+    aux_k: int = 512
+    """Latents per token in the auxiliary reconstruction (AuxK, aux_zipf): Gao et al. 2024 / BatchTopK paper."""
+    aux_coeff: float = 1 / 32
+    """Weight of the auxiliary loss (Gao et al. 2024 / BatchTopK paper: 1/32)."""
+    dead_tokens: int = 5 * 4096
+    """A latent is dead once it has not fired for this many training tokens (reference: 5 batches of 4096)."""
+    bandwidth: float = 0.05
+    """jumprelu: width ε of the rectangle kernel of the straight-through estimators. The JumpReLU paper uses
+    0.001 over ~1e5+ steps at lr 7e-5; with inputs scaled to E‖x‖ = sqrt(d_in) (pre-activations of order 1) a
+    window that narrow lets the log-threshold move only ~lr per step, so short runs never sparsify: 0.05 (as
+    SAELens) lets thresholds reach their scale in hundreds of steps. The golden tests pass the reference's 0.001."""
+    jumprelu_init_threshold: float = 0.1
+    """jumprelu: initial threshold θ, on the scale of the normalised pre-activations (JumpReLU paper: 0.001)."""
+    stats_window: int = 1000
+    """Training batches averaged for the batch-level inference threshold θ (a ring buffer of the last N
+    batches' smallest kept activation) and, as an EMA with that time constant, for each latent's density."""
+    zipf_exponent: float = 1.0
+    """feature_choice, mutual_choice: exponent α of the Zipf law behind aux_zipf_loss's target densities."""
+    input_norm: str = "scalar"
+    """none; standardize (per token (x-mean)/(std+1e-5), the BatchTopK reference's input_unit_norm); or
+    scalar (one factor s with E‖s·x‖ = sqrt(d_in), set by set_input_scale; folded into the weights on export)."""
+    apply_b_dec_to_input: bool = True
+    """Encode x − b_dec rather than x (SAELens's name). The JumpReLU reference encodes x: False there."""
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown SAE architecture {self.arch!r}; valid ones: {', '.join(ARCHS)}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ConfigError(f"input_norm {self.input_norm!r} is not valid; use one of {', '.join(INPUT_NORMS)}")
+        for name in ("d_in", "d_sae", "aux_k", "dead_tokens", "stats_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if ARCHS[self.arch].uses_k and not 1 <= self.k < self.d_sae:
+            raise ConfigError(f"k={self.k} is not valid for {self.arch} with d_sae={self.d_sae}: "
+                              f"need 1 <= k < d_sae")
+        for name in ("bandwidth", "jumprelu_init_threshold"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class SAEOutput:
+    """What forward returns. Losses are scalars computed in the normalised input space."""
+
+    x_hat: Tensor  # [B, D] reconstruction in raw (input) space
+    acts: Tensor  # [B, F] sparse latent activations
+    loss: Tensor  # mse + penalty + aux: what the optimiser minimises
+    mse: Tensor  # mean over all B*D elements (the reference's convention)
+    penalty: Tensor  # sparsity penalty (relu: L1, jumprelu: L0), else 0
+    aux: Tensor  # auxiliary loss (AuxK, aux_zipf), else 0
+    l0: Tensor  # mean active latents per token (detached)
+
+
+def standardize(x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token (x − μ)/(σ + 1e-5), σ unbiased (the BatchTopK reference and SAELens's layer_norm)."""
+    mu_B1 = x_BD.mean(-1, keepdim=True)
+    sd_B1 = (x_BD - mu_B1).std(-1, keepdim=True)
+    return (x_BD - mu_B1) / (sd_B1 + 1e-5), mu_B1, sd_B1
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder x̂ = dec(σ(enc(x))) with community parameter names and shapes.
+
+    Buffers: input_scale (the scalar normaliser s), tokens_since_fired [F], density [F] (running fraction
+    of tokens each latent fires on), n_batches (training batches seen), and for batch-level architectures
+    theta_window [N, 1 or F] (smallest kept activation of each of the last N training batches).
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, F = cfg.d_in, cfg.d_sae
+        # BatchTopK reference: kaiming-uniform W_enc, W_dec its transpose with unit-norm rows, zero biases
+        W_enc = nn.init.kaiming_uniform_(torch.empty(D, F))
+        self.W_enc = nn.Parameter(W_enc)
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.W_dec = nn.Parameter((W_enc.T / W_enc.T.norm(dim=1, keepdim=True)).contiguous())
+        self.b_dec = nn.Parameter(torch.zeros(D))
+        for name, init in (self.arch.extra_params(cfg) if self.arch.extra_params else {}).items():
+            self.register_parameter(name, nn.Parameter(init))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long))
+        self.register_buffer("density", torch.zeros(F))
+        self.register_buffer("n_batches", torch.tensor(0, dtype=torch.long))
+        if self.arch.batch_level:
+            width = F if self.arch.per_latent_threshold else 1
+            self.register_buffer("theta_window", torch.zeros(cfg.stats_window, width))
+
+    @property
+    def arch(self) -> Arch:
+        return ARCHS[self.cfg.arch]
+
+    # ------------------------------------------------------------ input normalisation
+
+    def normalize(self, x_BD: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x -> (x_n, (shift, scale)) with x̂ = x̂_n · scale + shift bringing outputs back to raw space."""
+        if self.cfg.input_norm == "standardize":
+            xn_BD, mu_B1, sd_B1 = standardize(x_BD)
+            return xn_BD, (mu_B1, sd_B1)
+        return x_BD * self.input_scale, self._global_denorm()
+
+    def _global_denorm(self) -> tuple[Tensor, Tensor]:
+        return self.input_scale.new_zeros(()), 1 / self.input_scale  # scale is 1 for input_norm "none"
+
+    @torch.no_grad()
+    def set_input_scale(self, sample_BD: Tensor) -> float:
+        """input_norm "scalar": s = sqrt(d_in) / E‖x‖ over a sample, so normalised inputs have E‖s·x‖ = sqrt(d_in)
+        and hyper-parameters transfer across layers and models. Returns s."""
+        if self.cfg.input_norm != "scalar":
+            raise ConfigError(f"set_input_scale needs input_norm='scalar', this SAE has {self.cfg.input_norm!r}")
+        mean_norm = sample_BD.float().norm(dim=-1).mean().item()
+        if not mean_norm > 0:
+            raise ConfigError(f"cannot set the input scale from a sample whose mean norm is {mean_norm}")
+        self.input_scale.fill_(math.sqrt(self.cfg.d_in) / mean_norm)
+        return self.input_scale.item()
+
+    # ------------------------------------------------------------ encode / decode / loss
+
+    def pre_activations(self, xn_BD: Tensor) -> Tensor:
+        """z = (x_n − b_dec) W_enc + b_enc (b_dec subtracted only if cfg.apply_b_dec_to_input)."""
+        if self.cfg.apply_b_dec_to_input:
+            xn_BD = xn_BD - self.b_dec
+        return xn_BD @ self.W_enc + self.b_enc
+
+    def activate(self, pre_BF: Tensor, batch_mode: bool | None = None) -> Tensor:
+        """Batch-level selection when training (or batch_mode=True); otherwise batch-level architectures use
+        the threshold estimated in training per token: a JumpReLU, so a token's latents do not depend on
+        the rest of the batch (BatchTopK paper, §3)."""
+        batch_mode = self.training if batch_mode is None else batch_mode
+        if self.arch.batch_level and not batch_mode:
+            return torch.where(pre_BF > self.inference_threshold(), pre_BF, 0.0)
+        return self.arch.activation(self, pre_BF)
+
+    def encode(self, x_BD: Tensor, batch_mode: bool | None = None) -> Tensor:
+        """Raw activations [B, D] -> latents [B, F] (non-negative)."""
+        xn_BD, _ = self.normalize(x_BD)
+        return self.activate(self.pre_activations(xn_BD), batch_mode)
+
+    def decode(self, acts_BF: Tensor, denorm: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Latents -> reconstruction in raw space. input_norm "standardize" needs the per-token (shift, scale)
+        that normalize returned for these tokens; the other modes use the SAE's own."""
+        if denorm is None:
+            if self.cfg.input_norm == "standardize":
+                raise ConfigError("decode of a standardize SAE needs the per-token (shift, scale) from "
+                                  "normalize(x); or call forward(x)")
+            denorm = self._global_denorm()
+        shift, scale = denorm
+        return (acts_BF @ self.W_dec + self.b_dec) * scale + shift
+
+    def forward(self, x_BD: Tensor, batch_mode: bool | None = None) -> SAEOutput:
+        """Encode, decode and the loss terms. In training mode also records the batch (update_stats) first,
+        so the dead-latent mask of this batch's auxiliary loss includes it (as the reference does)."""
+        xn_BD, (shift, scale) = self.normalize(x_BD)
+        pre_BF = self.pre_activations(xn_BD)
+        acts_BF = self.activate(pre_BF, batch_mode)
+        xhat_n_BD = acts_BF @ self.W_dec + self.b_dec
+        if self.training:
+            self.update_stats(acts_BF.detach())
+        zero = xn_BD.new_zeros(())
+        mse = (xhat_n_BD - xn_BD).pow(2).mean()
+        penalty = self.arch.penalty(self, pre_BF, acts_BF) if self.arch.penalty else zero
+        aux = self.arch.aux(self, pre_BF, acts_BF, xn_BD - xhat_n_BD) if self.arch.aux else zero
+        l0 = (acts_BF > 0).sum(-1).float().mean()
+        return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=acts_BF, loss=mse + penalty + aux, mse=mse,
+                         penalty=penalty, aux=aux, l0=l0)
+
+    # ------------------------------------------------------------ decoder constraint
+
+    @torch.no_grad()
+    def constrain_decoder(self) -> None:
+        """Call after backward, before the optimiser step (the BatchTopK reference's order): normalise each
+        decoder row, remove from its gradient the component along the normalised row, write the unit rows.
+        The optimiser then moves the rows slightly off unit norm; the next call brings them back."""
+        W_unit_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+        if self.W_dec.grad is not None:
+            self.W_dec.grad -= (self.W_dec.grad * W_unit_FD).sum(1, keepdim=True) * W_unit_FD
+        self.W_dec.copy_(W_unit_FD)
+
+    # ------------------------------------------------------------ training bookkeeping
+
+    @torch.no_grad()
+    def update_stats(self, acts_BF: Tensor) -> None:
+        """Record one training batch: dead-latent counters (in tokens), densities, the θ window."""
+        fired_BF = acts_BF > 0
+        self.tokens_since_fired.add_(acts_BF.shape[0]).masked_fill_(fired_BF.any(0), 0)
+        n_seen = int(self.n_batches)
+        # running mean over the first N batches, then an EMA with time constant N
+        self.density.lerp_(fired_BF.to(self.density.dtype).mean(0), 1 / min(n_seen + 1, self.cfg.stats_window))
+        if self.arch.batch_level:
+            kept_BF = acts_BF.masked_fill(~fired_BF, math.inf)
+            smallest_T = kept_BF.amin(0) if self.arch.per_latent_threshold else kept_BF.amin().reshape(1)
+            # a latent that kept nothing this batch says nothing about its threshold: NaN, skipped in the mean
+            self.theta_window[n_seen % self.cfg.stats_window] = smallest_T.nan_to_num(posinf=math.nan)
+        self.n_batches += 1
+
+    def dead_mask(self) -> Tensor:
+        """[F] bool: latents that have not fired for cfg.dead_tokens training tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def inference_threshold(self) -> Tensor | None:
+        """[F] threshold θ of eval-mode encoding (and of the SAELens jumprelu export); None if the
+        architecture has none. Batch-level: the BatchTopK paper's estimate, the mean over the last
+        cfg.stats_window training batches of the smallest activation the selection kept (per latent for
+        feature_choice; +inf for a latent that kept nothing in the window; 0 before any training batch)."""
+        F = self.cfg.d_sae
+        if not self.arch.batch_level:
+            return self.arch.threshold(self) if self.arch.threshold else None
+        n_filled = min(int(self.n_batches), self.cfg.stats_window)
+        if n_filled == 0:
+            return self.theta_window.new_zeros(F)
+        theta_T = self.theta_window[:n_filled].nanmean(0).nan_to_num(nan=math.inf)
+        return theta_T.expand(F)
