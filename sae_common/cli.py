@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from sae_common.config import HarvestConfig, default, field_doc, parse_count
+from sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
 from sae_common.errors import UserError
 
 
@@ -88,6 +88,88 @@ def harvest(out: Path | None, overwrite: bool, **options: Any) -> None:
     path = run_harvest(HarvestConfig(**options), out, overwrite=overwrite)
     click.echo(str(path))
 
+
+def _list_of(kind: type) -> Callable:
+    """A callback for repeatable options that also take comma lists: --k 16 --k 32 or --k 16,32."""
+
+    def parse(ctx: click.Context, param: click.Parameter, values: tuple) -> tuple:
+        out = []
+        for value in values:
+            for part in str(value).split(","):
+                if part.strip():
+                    try:
+                        out.append(parse_count(part) if kind is int else kind(part.strip()))
+                    except ValueError:
+                        raise click.BadParameter(f"{part!r} is not a valid {kind.__name__}") from None
+        return tuple(out)
+
+    return parse
+
+
+def many(name: str, flag: str, kind: type) -> Callable:
+    return option(TrainConfig, name, flag, multiple=True, callback=_list_of(kind), default=(), show_default=False,
+                  help=field_doc(TrainConfig, name) + f" Repeat or comma-separate. [default: "
+                       f"{','.join(map(str, default(TrainConfig, name))) or 'see below'}]")
+
+
+@main.command()
+@option(TrainConfig, "cache", type=str)
+@option(TrainConfig, "hook", type=str)
+@many("archs", "--arch", str)
+@many("ks", "--k", int)
+@many("dict_sizes", "--dict-size", int)
+@many("expansions", "--expansion", int)
+@many("l1_coeffs", "--l1-coeff", float)
+@many("l0_coeffs", "--l0-coeff", float)
+@many("lrs", "--lr", float)
+@option(TrainConfig, "batch_size", type=int)
+@option(TrainConfig, "tokens", type=str, callback=_count)
+@option(TrainConfig, "seed", type=int)
+@option(TrainConfig, "input_norm", type=click.Choice(["none", "standardize", "scalar"]))
+@option(TrainConfig, "dead_tokens", type=str, callback=_count)
+@option(TrainConfig, "holdout_fraction", type=float)
+@option(TrainConfig, "checkpoint_every", type=str, callback=_count)
+@option(TrainConfig, "log_every", type=int)
+@option(TrainConfig, "device")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: cache/runs/<cache>-<hash of the sweep>, so a rerun resumes).")
+@user_errors
+def train(out: Path | None, **options: Any) -> None:
+    """Train a sweep of SAEs on a cache in ONE pass: each batch is read once and fed to every SAE.
+
+    Rerunning the same command resumes every SAE from its last checkpoint.
+    """
+    from train.run import train as run_train
+
+    for key in ("archs", "ks", "dict_sizes", "expansions", "l1_coeffs", "l0_coeffs", "lrs"):
+        if not options[key]:
+            options[key] = default(TrainConfig, key)
+    click.echo(str(run_train(TrainConfig(**options), out)))
+
+
+
+@main.command("eval")
+@click.argument("saes", nargs=-1, metavar="[SAE_DIR]...")
+@option(EvalConfig, "cache", type=str)
+@option(EvalConfig, "model", type=str)
+@option(EvalConfig, "model_dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@option(EvalConfig, "dataset", type=str)
+@option(EvalConfig, "tokens", type=str, callback=_count)
+@option(EvalConfig, "batch_size", type=int)
+@option(EvalConfig, "device")
+@option(EvalConfig, "include_bos", "--include-bos", is_flag=True)
+@option(EvalConfig, "batch_mode", "--batch-mode", is_flag=True)
+@option(EvalConfig, "out", type=str)
+@user_errors
+def eval_command(**options: Any) -> None:
+    """Splice SAEs into the model on held-out tokens: NMSE, L0, dead latents, CE degradation and more.
+
+    SAE_DIR: SAE directories or training run directories (default: every SAE of the newest run under
+    ./cache/runs). Writes eval.json beside each SAE, eval_summary.json and plots/ in the run directory.
+    """
+    from evaluate.run import evaluate
+
+    evaluate(EvalConfig(**options))
 
 @main.group()
 def cache() -> None:

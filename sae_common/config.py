@@ -109,3 +109,91 @@ def field_doc(cls: type, name: str) -> str:
 def default(cls: type, name: str) -> Any:
     return next(f.default for f in fields(cls) if f.name == name)
 
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: a sweep (the cartesian product of the list fields an architecture uses), trained in
+    ONE pass over the cache. Defaults follow the BatchTopK paper. Recorded in full beside every SAE."""
+
+    cache: str | None = None
+    """Activation cache to read (default: the newest under ./cache)."""
+    hook: str | None = None
+    """Hook to train on, when the cache has several."""
+    archs: tuple[str, ...] = ("batchtopk",)
+    """Architectures: relu, topk, batchtopk, jumprelu, feature_choice, mutual_choice."""
+    ks: tuple[int, ...] = (32,)
+    """Active latents per token (k-architectures; BatchTopK paper: 16, 32, 64)."""
+    dict_sizes: tuple[int, ...] = ()
+    """Dictionary sizes (latents); default: d_model x --expansion."""
+    expansions: tuple[int, ...] = (8,)
+    """Dictionary size as a multiple of d_model, when --dict-size is not given."""
+    l1_coeffs: tuple[float, ...] = (0.01,)
+    """relu: L1 coefficients."""
+    l0_coeffs: tuple[float, ...] = (0.002,)
+    """jumprelu: L0 coefficients."""
+    lrs: tuple[float, ...] = (3e-4,)
+    """Adam learning rates (BatchTopK paper: 3e-4, betas (0.9, 0.99))."""
+    batch_size: int = 4096
+    """Tokens per training batch (BatchTopK paper: 4096)."""
+    tokens: int | None = None
+    """Training tokens (default: one pass over the cache's training rows); more than the cache takes epochs."""
+    seed: int = 0
+    input_norm: str = "scalar"
+    """none, standardize (per token, the BatchTopK reference) or scalar (E||x|| = sqrt(d), folded on export)."""
+    dead_tokens: int = 5 * 4096
+    """A latent is dead (and joins the auxiliary loss) after this many tokens without firing."""
+    holdout_fraction: float = 0.02
+    """Fraction of the cache (a tail of whole chunks) never trained on; evaluation reads it."""
+    checkpoint_every: int = 10_000_000
+    """Tokens between checkpoints (also written at the end and on Ctrl-C)."""
+    log_every: int = 10
+    """Batches between metric records (history.jsonl) and table refreshes."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:N."""
+    shuffle_tokens: int = 131072
+    """Rows in the loader's shuffle window."""
+
+    # May change when resuming: they change how the run is executed or reported, not what it computes.
+    EXECUTION_FIELDS = ("tokens", "checkpoint_every", "log_every", "device", "cache")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """An evaluation: SAEs spliced back into the model on held-out tokens (DESIGN.md, "Metrics").
+    Recorded in full in every eval.json and eval_summary.json."""
+
+    saes: tuple[str, ...] = ()
+    """SAE directories, or training run directories (all their SAEs); default: every SAE of the newest run
+    under ./cache/runs."""
+    cache: str | None = None
+    """The cache the SAEs were trained on, if it moved (default: the one their records name)."""
+    model: str | None = None
+    """Model to splice into (default: the one the cache was harvested with, loaded the same way)."""
+    model_dtype: str = "auto"
+    """Dtype the model runs in: auto (the dtype the cache was harvested with), float32, bfloat16, float16."""
+    dataset: str | None = None
+    """Fresh text beyond what was harvested: NOT SUPPORTED YET. Evaluation reads the cache's held-out rows."""
+    tokens: int | None = None
+    """Held-out tokens to evaluate on, BOS included, rounded down to whole contexts (default: all of them)."""
+    batch_size: int = 16
+    """Contexts per forward pass. In --batch-mode it is also the batch a BatchTopK selection sees."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:N."""
+    include_bos: bool = False
+    """Also splice at BOS positions and count them in every average (default: BOS keeps its activation and
+    is left out, as the BOS activation is an outlier that SAEs are not meant to reconstruct)."""
+    batch_mode: bool = False
+    """Encode batchtopk, feature_choice and mutual_choice SAEs with their batch-level training selection
+    instead of their inference threshold (BatchTopK paper, §3)."""
+    out: str | None = None
+    """Where eval_summary.json and plots/ go (default: the SAEs' run directory)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -105,6 +105,18 @@ class ActivationLoader:
         window = int(np.searchsorted(ends, offset, side="right"))
         return epoch, window, offset - (int(ends[window - 1]) if window else 0)
 
+    def source_rows(self, batch: int, rows_in_batch: list[int]) -> list[int]:
+        """Cache row indices of some rows of batch `batch` (to name bad data); decodes nothing."""
+        found = []
+        for i in rows_in_batch:
+            epoch, window, offset = self.locate(batch * self.batch_size + i)
+            spans_W2 = self.spans_U2[self.windows(epoch)[window]]
+            lengths = spans_W2[:, 1] - spans_W2[:, 0]
+            r = int(window_order(self.seed, epoch, window, int(lengths.sum()))[offset])
+            c = int(np.searchsorted(np.cumsum(lengths), r, side="right"))
+            found.append(int(spans_W2[c, 0]) + r - int(np.cumsum(lengths)[c - 1] if c else 0))
+        return found
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         if len(self) == 0:
             return

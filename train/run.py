@@ -1,0 +1,142 @@
+"""`sae train`: open a cache, build the sweep, resume or start, train every SAE in one pass, export them."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from sae_common.cache_format import Cache, CacheError, find_caches, holdout_start, open_cache, verify
+from sae_common.config import TrainConfig
+from sae_common.errors import UserError
+from sae_common.model import resolve_device
+from sae_common.sae import SAE
+from sae_common.sae_io import RUN_FILE, save_sae
+from train.checkpoint import load_checkpoint, read_state, save_checkpoint, write_json_atomic
+from train.loader import ActivationLoader
+from train.sweep import SweepEntry, expand
+from train.trainer import Member, train_loop
+
+DEFAULT_ROOT = Path("cache")
+
+
+def pick_cache(cfg: TrainConfig, console: Console, root: Path = DEFAULT_ROOT) -> Cache:
+    if cfg.cache is None:
+        found = find_caches(root)
+        if not found:
+            raise UserError(f"no activation cache under {root}/; run `sae harvest` first or pass --cache")
+        console.print(f"using the newest cache under {root}/: {found[0]}")
+    cache = open_cache(cfg.cache or found[0])
+    if cache.n_tokens == 0:
+        raise CacheError(f"the cache {cache.path} is empty (0 tokens); finish its harvest first")
+    if not (cache.meta.get("complete") or cache.meta.get("exhausted")):
+        raise CacheError(f"the cache {cache.path} is incomplete: {cache.n_tokens:,} of "
+                         f"{cache.meta.get('target_tokens', '?'):,} tokens were harvested. Rerun its `sae harvest` "
+                         "command to finish it (`sae cache verify` checks what it holds)")
+    problems = verify(cache, checksums=False)
+    if problems:
+        raise CacheError(f"the cache {cache.path} is damaged: {problems[0]} ({len(problems)} problem(s); "
+                         "`sae cache verify` lists them)")
+    return cache
+
+
+def pick_hook(cfg: TrainConfig, cache: Cache) -> str:
+    if cfg.hook is None:
+        if len(cache.hooks) > 1:
+            raise UserError(f"the cache has several hooks; choose one with --hook: {', '.join(cache.hooks)}")
+        return cache.hooks[0]
+    if cfg.hook not in cache.hooks:
+        raise UserError(f"the cache {cache.path} has no hook {cfg.hook!r}; it has: {', '.join(cache.hooks)}")
+    return cfg.hook
+
+
+def default_run_dir(cfg: TrainConfig, cache: Cache, hook: str, root: Path = DEFAULT_ROOT) -> Path:
+    """Deterministic per (cache, hook, sweep identity), so rerunning the same command resumes the same run."""
+    key = json.dumps({"cache": str(cache.path.resolve()), "hook": hook, **cfg.identity()}, sort_keys=True)
+    return root / "runs" / f"{cache.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def check_resume(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    state = read_state(run_dir)
+    if state is None:
+        return None
+    old = state["identity"]
+    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if diff:
+        lines = "; ".join(f"{k}: run has {old.get(k)!r}, now {identity.get(k)!r}" for k in diff)
+        raise UserError(f"{run_dir} holds a run with a different config ({lines}). Use the same flags to resume, or "
+                        "--out to start a new run")
+    return state
+
+
+def build_members(entries: list[SweepEntry], device: str, seed: int) -> list[Member]:
+    torch.manual_seed(seed)
+    members = []
+    for e in entries:
+        sae = SAE(e.sae).to(device)
+        members.append(Member(e.name, sae, torch.optim.Adam(sae.parameters(), lr=e.lr, betas=(0.9, 0.99))))
+    return members
+
+
+def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = None) -> Path:
+    """Train (or resume) the sweep; returns the run directory."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    cache = pick_cache(cfg, console)
+    hook = pick_hook(cfg, cache)
+    entries = expand(cfg, cache.d_model)
+    run_dir = Path(out) if out is not None else default_run_dir(cfg, cache, hook)
+    state = check_resume(run_dir, cfg.identity())
+    rows = (0, holdout_start(cache, cfg.holdout_fraction))
+    n_batches = (cfg.tokens or rows[1]) // cfg.batch_size
+    if n_batches == 0:
+        raise UserError(f"{cfg.tokens or rows[1]:,} training tokens make no batch of {cfg.batch_size:,}; "
+                        "ask for more --tokens or a smaller --batch-size")
+    device = resolve_device(cfg.device)
+    members = build_members(entries, device, cfg.seed)
+    for m in members:
+        (run_dir / m.name).mkdir(parents=True, exist_ok=True)
+    start = 0
+    if state is not None:
+        start = min(state["batches_done"], n_batches)
+        load_checkpoint(run_dir, members, state["batches_done"])
+        console.print(f"resuming {run_dir} at batch {start:,} ({start * cfg.batch_size:,} tokens)")
+    run_info = {"config": cfg.to_dict(), "cache": str(cache.path), "hook": hook, "model": cache.meta["model"],
+                "holdout_start": rows[1], "n_batches": n_batches, "saes": [m.name for m in members]}
+    write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
+    loader = ActivationLoader(cache, hook, batch_size=cfg.batch_size, n_batches=n_batches, rows=rows, seed=cfg.seed,
+                              device=device, shuffle_tokens=cfg.shuffle_tokens, start_batch=start)
+    if loader.epochs > 1:
+        console.print(f"[yellow]{n_batches * cfg.batch_size:,} tokens exceed the cache's {loader.n_rows:,} training "
+                      f"tokens: training takes {loader.epochs} epochs[/]")
+    console.print(f"training {len(members)} SAE(s) on {hook} of {cache.path} for {n_batches:,} batches of "
+                  f"{cfg.batch_size:,} tokens into {run_dir}")
+    batches = iter(loader)
+    if start == 0 and cfg.input_norm == "scalar":
+        first = next(batches)  # the scale comes from the first training batch; checkpoints keep it
+        for m in members:
+            m.sae.set_input_scale(first)
+        batches = itertools.chain([first], batches)
+
+    def save(done: int) -> None:
+        save_checkpoint(run_dir, members, done, {"identity": cfg.identity()})
+
+    done = train_loop(members, batches, start_batch=start, n_batches=n_batches, batch_size=cfg.batch_size,
+                      log_every=cfg.log_every, checkpoint_every_batches=max(1, cfg.checkpoint_every // cfg.batch_size),
+                      run_dir=run_dir, save=save, source_rows=loader.source_rows, console=console)
+    if done < n_batches:
+        return run_dir
+    for m, e in zip(members, entries):
+        save_sae(m.sae, run_dir / m.name, model_name=cache.meta["model"], hook_name=hook,
+                 extra_record={"train_config": cfg.to_dict(), "lr": e.lr, "cache": str(cache.path),
+                               "holdout_start": rows[1], "tokens_trained": done * cfg.batch_size,
+                               "final_metrics": m.last, "context_size": cache.meta["context_size"],
+                               "prepend_bos": cache.meta["prepend_bos"],
+                               "dataset_path": cache.meta["dataset"].get("source")})
+    write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": True, "tokens_trained": done * cfg.batch_size})
+    console.print(f"[green]done[/]: {len(members)} SAE(s) in {run_dir}")
+    return run_dir

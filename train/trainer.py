@@ -1,0 +1,148 @@
+"""The multi-SAE training loop: each batch is read once and fed to every SAE of the sweep.
+
+Per batch and SAE, the step is the BatchTopK reference's: forward and loss, backward, remove the decoder
+gradient's component parallel to each (unit-norm) row and renormalise, Adam step. Metrics are accumulated as
+tensors and read (one device sync) only every `log_every` batches.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from sae_common.errors import UserError
+from sae_common.sae import SAE
+
+METRICS = ("loss", "mse", "fvu", "l0", "aux")
+
+
+class TrainingError(UserError):
+    """Training stopped on bad data or a diverged SAE; the last good checkpoint is kept."""
+
+
+@dataclass
+class Member:
+    """One SAE of the sweep with its optimiser and running metrics."""
+
+    name: str
+    sae: SAE
+    opt: torch.optim.Optimizer
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    n: int = 0
+    last: dict[str, float] = field(default_factory=dict)
+
+    def step(self, x_BD: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        out = self.sae(x_BD)
+        out.loss.backward()
+        self.sae.constrain_decoder()
+        self.opt.step()
+        with torch.no_grad():  # fraction of variance unexplained of this batch, in raw space
+            fvu = (out.x_hat - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()
+            for key, value in (("loss", out.loss), ("mse", out.mse), ("fvu", fvu), ("l0", out.l0), ("aux", out.aux)):
+                self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.n += 1
+
+    def flush(self, tokens: int) -> dict[str, Any]:
+        """Average the metrics since the last flush into a history record."""
+        record = {"tokens": tokens, **{k: v.item() / self.n for k, v in self.sums.items()},
+                  "dead": int(self.sae.dead_mask().sum())}
+        self.sums, self.n, self.last = {}, 0, record
+        return record
+
+
+def nonfinite_rows(x_BD: torch.Tensor) -> list[int] | None:
+    bad = ~torch.isfinite(x_BD).all(-1)
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else None
+
+
+class StopFlag:
+    """Ctrl-C sets a flag that the loop checks between batches, so every SAE stops at the same batch."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __enter__(self) -> "StopFlag":
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
+def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_batch: int, n_batches: int,
+               batch_size: int, log_every: int, checkpoint_every_batches: int, run_dir: Path,
+               save: Callable[[int], None], source_rows: Callable[[int, list[int]], list[int]],
+               console: Console) -> int:
+    """Train until `n_batches` or Ctrl-C; returns the number of batches done (checkpointed)."""
+    histories = {m.name: open(run_dir / m.name / "history.jsonl", "a") for m in members}
+    done, t0, done0 = start_batch, time.perf_counter(), start_batch
+    try:
+        with StopFlag() as stop, Live(_table(members, done, n_batches, batch_size, 0.0), console=console,
+                                      refresh_per_second=2, transient=False) as live:
+            for x_BD in batches:
+                if (bad := nonfinite_rows(x_BD)) is not None:
+                    raise TrainingError(f"batch {done} holds NaN/inf in {len(bad)} row(s): cache rows "
+                                        f"{source_rows(done, bad)[:10]}; training stopped, the last good checkpoint "
+                                        "is kept")
+                for m in members:
+                    m.step(x_BD)
+                done += 1
+                at_end = done == n_batches
+                if done % log_every == 0 or at_end or stop.set:
+                    _record(members, histories, done * batch_size)
+                    rate = (done - done0) * batch_size / (time.perf_counter() - t0)
+                    live.update(_table(members, done, n_batches, batch_size, rate))
+                if done % checkpoint_every_batches == 0 or at_end or stop.set:
+                    save(done)
+                if stop.set:
+                    console.print(f"interrupted at batch {done:,}: checkpoint saved; run the same command to resume")
+                    break
+    finally:
+        for f in histories.values():
+            f.close()
+    return done
+
+
+def _record(members: list[Member], histories: dict, tokens: int) -> None:
+    for m in members:
+        if m.n == 0:
+            continue
+        record = m.flush(tokens)
+        if not all(map(_finite, record.values())):
+            raise TrainingError(f"SAE {m.name} diverged (non-finite loss at {tokens:,} tokens: {record}); training "
+                                "stopped, the last good checkpoint is kept. Try a lower --lr.")
+        histories[m.name].write(json.dumps(record) + "\n")
+        histories[m.name].flush()
+
+
+def _finite(v: Any) -> bool:
+    return not isinstance(v, float) or v == v and abs(v) != float("inf")
+
+
+def _table(members: list[Member], done: int, n_batches: int, batch_size: int, rate: float) -> Table:
+    eta = (n_batches - done) * batch_size / rate if rate else float("nan")
+    table = Table(title=f"batch {done:,}/{n_batches:,} · {done * batch_size:,} tokens · {rate:,.0f} tok/s"
+                        + (f" · ETA {eta:,.0f}s" if rate else ""), title_justify="left")
+    for col in ("SAE", "tokens", "loss", "MSE", "FVU", "L0", "dead", "tok/s", "ETA"):
+        table.add_column(col, justify="left" if col == "SAE" else "right", no_wrap=True)
+    for m in members:
+        r = m.last
+        table.add_row(m.name, f"{r.get('tokens', 0):,}", *(f"{r[k]:.4g}" if k in r else "-" for k in
+                      ("loss", "mse", "fvu", "l0")), str(r.get("dead", "-")), f"{rate:,.0f}",
+                      f"{eta:,.0f}s" if rate else "-")
+    return table
