@@ -81,15 +81,17 @@ def cache_meta(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], n_targ
 
 
 def harvest(cfg: HarvestConfig, out: Path | None = None, *, overwrite: bool = False,
-            console: Console | None = None) -> Path:
-    """Run the harvest (or resume it) and return the cache path."""
+            console: Console | None = None, loaded: LoadedModel | None = None) -> Path:
+    """Run the harvest (or resume it) and return the cache path. `loaded`: a model already loaded the way
+    `load_model` does for these hooks (benchmarks reuse one)."""
     console = console or Console(stderr=True, soft_wrap=True)
     hooks = hook_names(cfg.layers, cfg.hook)
     n_target = (cfg.tokens // cfg.context_size) * cfg.context_size
     if n_target == 0:
         raise HarvestError(f"--tokens {cfg.tokens} is less than one context of {cfg.context_size} tokens")
     device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, hooks, device=device, dtype=resolve_model_dtype(cfg.model_dtype, device))
+    if loaded is None:
+        loaded = load_model(cfg.model, hooks, device=device, dtype=resolve_model_dtype(cfg.model_dtype, device))
     out = Path(out) if out is not None else default_out(cfg, hooks)
     meta = cache_meta(cfg, loaded, hooks, n_target)
     with CacheWriter.open(out, meta, identity=cfg.identity(), overwrite=overwrite) as writer:

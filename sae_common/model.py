@@ -18,6 +18,9 @@ import torch
 from sae_common.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ASSETS = Path(__file__).parent / "assets"
+# Models shipped with the project (trained by scripts/train_tiny_lm.py), usable by name with no network.
+BUILTIN_MODELS = {"tiny-stdlib-gpt2": ASSETS / "tiny-stdlib-gpt2"}
 
 
 class ModelError(UserError):
@@ -55,7 +58,9 @@ def resolve_model_dtype(model_dtype: str, device: str) -> str:
 
 
 def resolve_source(model: str) -> str:
-    """A local checkpoint directory (made absolute) or the hub id of an official transformer-lens name."""
+    """A local checkpoint directory (made absolute), a built-in model, or the hub id of an official name."""
+    if model in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[model].resolve())
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -95,9 +100,22 @@ def count_layers(source: str) -> int:
     return int(config.num_hidden_layers)
 
 
-def hook_layer(hook: str) -> int:
+def hook_layer(hook: str) -> int | None:
+    """The block a hook belongs to; None for hooks outside the blocks (embeddings, final norm)."""
     m = re.match(r"blocks\.(\d+)\.", hook)
-    return int(m.group(1)) if m else 0
+    return int(m.group(1)) if m else None
+
+
+def after_blocks(hooks: list[str]) -> bool:
+    """Whether a hook lies past every block (e.g. ln_final.hook_normalized): the whole model must run."""
+    return any(hook_layer(h) is None and not h.startswith("hook_") for h in hooks)
+
+
+def layers_needed(hooks: list[str], total: int) -> int:
+    """Blocks to build and run for `hooks`: up to the deepest one (all of them for a hook past the blocks)."""
+    if after_blocks(hooks):
+        return total
+    return max([hook_layer(h) for h in hooks if hook_layer(h) is not None], default=0) + 1
 
 
 def load_model(model: str, hooks: list[str], *, device: str = "cpu", dtype: str = "float32",
@@ -106,10 +124,10 @@ def load_model(model: str, hooks: list[str], *, device: str = "cpu", dtype: str 
     source = resolve_source(model)
     total = count_layers(source)
     for hook in hooks:
-        if hook_layer(hook) >= total:
+        if (hook_layer(hook) or 0) >= total:
             raise ModelError(f"layer {hook_layer(hook)} (hook {hook}) is out of range: {model} has {total} layers "
                              f"(0 to {total - 1})")
-    built = n_layers if n_layers is not None else max(hook_layer(h) for h in hooks) + 1
+    built = n_layers if n_layers is not None else layers_needed(hooks, total)
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -135,7 +153,8 @@ def load_model(model: str, hooks: list[str], *, device: str = "cpu", dtype: str 
 
 def run_hooks(loaded: LoadedModel, tokens_BT: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """One forward pass, stopped after the deepest hook; returns each hook's activations [B, T, D]."""
-    stop = max(hook_layer(h) for h in hooks) + 1
+    # stopping after the deepest hook's block skips the final norm and the unembedding
+    stop = None if after_blocks(hooks) else layers_needed(hooks, loaded.n_layers_built)
     with torch.inference_mode():
         _, cache = loaded.bridge.run_with_cache(tokens_BT, names_filter=list(hooks), stop_at_layer=stop,
                                                 return_cache_object=False)
