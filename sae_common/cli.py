@@ -131,6 +131,7 @@ def many(name: str, flag: str, kind: type) -> Callable:
 @option(TrainConfig, "checkpoint_every", type=str, callback=_count)
 @option(TrainConfig, "log_every", type=int)
 @option(TrainConfig, "device")
+@option(TrainConfig, "dtype", type=click.Choice(["float32", "bfloat16"]))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: cache/runs/<cache>-<hash of the sweep>, so a rerun resumes).")
 @user_errors

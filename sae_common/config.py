@@ -151,6 +151,8 @@ class TrainConfig:
     """Batches between metric records (history.jsonl) and table refreshes."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
+    dtype: str = "float32"
+    """Compute dtype: float32, or bfloat16 (autocast matmuls; float32 master weights, Adam state and losses)."""
     shuffle_tokens: int = 131072
     """Rows in the loader's shuffle window."""
 

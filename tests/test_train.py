@@ -146,3 +146,13 @@ def test_nan_in_a_batch_stops_naming_the_rows_and_keeps_the_checkpoint(tmp_path)
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(sae_state)).values() if t.is_floating_point())
+
+
+def test_bfloat16_autocast_trains_like_float32(cache, tmp_path):
+    for dtype in ("float32", "bfloat16"):
+        assert train_cli(cache, tmp_path / dtype, "--arch", "batchtopk", "--k", 4, "--dtype", dtype).exit_code == 0
+    final = {d: json.loads((tmp_path / d / "batchtopk-k4-64" / "history.jsonl").read_text().splitlines()[-1])
+             for d in ("float32", "bfloat16")}
+    sae = load_sae(tmp_path / "bfloat16" / "batchtopk-k4-64")
+    assert sae.W_dec.dtype == torch.float32  # master weights stay float32
+    assert abs(final["bfloat16"]["fvu"] - final["float32"]["fvu"]) < 0.1 * final["float32"]["fvu"], final

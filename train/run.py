@@ -74,12 +74,15 @@ def check_resume(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     return state
 
 
-def build_members(entries: list[SweepEntry], device: str, seed: int) -> list[Member]:
+def build_members(entries: list[SweepEntry], device: str, seed: int, dtype: str = "float32") -> list[Member]:
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype {dtype!r} is not supported for training; use float32 or bfloat16")
     torch.manual_seed(seed)
     members = []
     for e in entries:
         sae = SAE(e.sae).to(device)
-        members.append(Member(e.name, sae, torch.optim.Adam(sae.parameters(), lr=e.lr, betas=(0.9, 0.99))))
+        opt = torch.optim.Adam(sae.parameters(), lr=e.lr, betas=(0.9, 0.99))
+        members.append(Member(e.name, sae, opt, autocast=torch.bfloat16 if dtype == "bfloat16" else None))
     return members
 
 
@@ -97,7 +100,7 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
         raise UserError(f"{cfg.tokens or rows[1]:,} training tokens make no batch of {cfg.batch_size:,}; "
                         "ask for more --tokens or a smaller --batch-size")
     device = resolve_device(cfg.device)
-    members = build_members(entries, device, cfg.seed)
+    members = build_members(entries, device, cfg.seed, cfg.dtype)
     for m in members:
         (run_dir / m.name).mkdir(parents=True, exist_ok=True)
     start = 0

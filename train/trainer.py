@@ -36,14 +36,16 @@ class Member:
     name: str
     sae: SAE
     opt: torch.optim.Optimizer
+    autocast: torch.dtype | None = None  # bfloat16: matmuls in bf16 under autocast, parameters stay float32
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     n: int = 0
     last: dict[str, float] = field(default_factory=dict)
 
     def step(self, x_BD: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        out = self.sae(x_BD)
-        out.loss.backward()
+        with torch.autocast(x_BD.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.sae(x_BD)
+        out.loss.float().backward()
         self.sae.constrain_decoder()
         self.opt.step()
         with torch.no_grad():  # fraction of variance unexplained of this batch, in raw space
