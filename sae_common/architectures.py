@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
+from sae_common.sparse import batch_topk_flat, mask_flat, topk_flat
+
 if TYPE_CHECKING:
     from sae_common.sae import SAE, SAEConfig
 
@@ -41,6 +43,11 @@ def batch_topk(acts_BF: Tensor, n_keep: int) -> Tensor:
 
 
 def feature_choice(acts_BF: Tensor, n_keep: int) -> Tensor:
+    """Feature Choice activation: acts where `feature_choice_mask` keeps them."""
+    return acts_BF * feature_choice_mask(acts_BF, n_keep)
+
+
+def feature_choice_mask(acts_BF: Tensor, n_keep: int) -> Tensor:
     """Each latent keeps its best m_f tokens of the batch, with sum_f m_f = n_keep (Ayonrinde 2024, Feature Choice).
 
     Capacities are as equal as the budget allows: m_f = floor(n_keep/F) for every latent, and the
@@ -54,8 +61,7 @@ def feature_choice(acts_BF: Tensor, n_keep: int) -> Tensor:
     keep_MF[:m] = True
     if extra:
         keep_MF[m, vals_MF[m].topk(extra).indices] = True
-    mask_BF = torch.zeros_like(acts_BF, dtype=torch.bool).scatter(0, idx_MF, keep_MF)
-    return acts_BF * mask_BF
+    return torch.zeros_like(acts_BF, dtype=torch.bool).scatter(0, idx_MF, keep_MF)
 
 
 # ---------------------------------------------------------------- JumpReLU with straight-through estimators
@@ -184,10 +190,9 @@ def _l0_penalty(sae: SAE, pre_BF: Tensor, acts_BF: Tensor) -> Tensor:
     return sae.cfg.l0_coeff * step(pre_BF, sae.log_threshold.exp(), sae.cfg.bandwidth).sum(-1).mean()
 
 
-def _auxk(sae: SAE, pre_BF: Tensor, acts_BF: Tensor, residual_BD: Tensor) -> Tensor:
-    dead_F = sae.dead_mask()
-    return sae.cfg.aux_coeff * aux_reconstruction_loss(pre_BF, dead_F.to(pre_BF.dtype), sae.W_dec,
-                                                       residual_BD, sae.cfg.aux_k)
+def _dead_weights(sae: SAE) -> Tensor:
+    """AuxK (Gao et al. 2024): the dead latents, each with weight 1."""
+    return sae.dead_mask().to(sae.W_dec.dtype)
 
 
 # README block: aux_zipf_loss (feature_choice, mutual_choice) -------------------------------------------
@@ -206,13 +211,10 @@ def _auxk(sae: SAE, pre_BF: Tensor, acts_BF: Tensor, residual_BD: Tensor) -> Ten
 # With w ∈ {0, 1} marking only the dead latents this is exactly AuxK.
 # -----------------------------------------------------------------------------------------------------
 
-def _aux_zipf(sae: SAE, pre_BF: Tensor, acts_BF: Tensor, residual_BD: Tensor) -> Tensor:
-    """aux_zipf_loss: L_aux = aux_coeff · mean (ê − sg(x − x̂))², ê = TopK_aux(w ⊙ ReLU(z)) · W_dec with
-    w = zipf_underuse_weights(density, dead, k, α): dead latents weigh 1, latents at or above their
-    Zipf-law density 0 (see the README block above)."""
-    weight_F = zipf_underuse_weights(sae.density, sae.dead_mask(), sae.cfg.k, sae.cfg.zipf_exponent)
-    return sae.cfg.aux_coeff * aux_reconstruction_loss(pre_BF, weight_F.to(pre_BF.dtype), sae.W_dec,
-                                                       residual_BD, sae.cfg.aux_k)
+def _zipf_weights(sae: SAE) -> Tensor:
+    """aux_zipf_loss (see the README block above): dead latents weigh 1, latents at or above their Zipf-law
+    density 0, under-used ones in between."""
+    return zipf_underuse_weights(sae.density, sae.dead_mask(), sae.cfg.k, sae.cfg.zipf_exponent).to(sae.W_dec.dtype)
 
 
 def _jumprelu_params(cfg: SAEConfig) -> dict[str, Tensor]:
@@ -242,22 +244,40 @@ class Arch:
     """(batch-level only) one estimated threshold per latent instead of one global θ."""
     penalty: Callable[..., Tensor] | None = None
     """(sae, pre_BF, acts_BF) -> scalar sparsity penalty added to the loss."""
-    aux: Callable[..., Tensor] | None = None
-    """(sae, pre_BF, acts_BF, residual_BD) -> scalar auxiliary loss added to the loss."""
+    aux_weights: Callable[..., Tensor] | None = None
+    """sae -> [F] weights of the latents that reconstruct the residual in the auxiliary loss (AuxK: the dead
+    ones; aux_zipf: dead and under-used): aux_coeff · aux_reconstruction_loss is added to the loss."""
+    select: Callable[..., Tensor] | None = None
+    """(sae, relu(pre_BF)) -> sorted flat indices (row·F + col) of the kept entries: enables the sparse
+    training path (sparse.py), which must select exactly what `activation` keeps."""
     extra_params: Callable[..., dict[str, Tensor]] | None = None
     """cfg -> {name: initial tensor}: extra parameters the SAE registers."""
     threshold: Callable[..., Tensor] | None = None
     """(not batch-level) sae -> learned inference threshold [F], exported to SAELens jumprelu."""
 
 
+def _topk_select(sae: SAE, acts_BF: Tensor) -> Tensor:
+    return topk_flat(acts_BF, sae.cfg.k)
+
+
+def _batchtopk_select(sae: SAE, acts_BF: Tensor) -> Tensor:
+    return batch_topk_flat(acts_BF, sae.cfg.k * acts_BF.shape[0])
+
+
+def _feature_choice_select(sae: SAE, acts_BF: Tensor) -> Tensor:
+    return mask_flat(feature_choice_mask(acts_BF, sae.cfg.k * acts_BF.shape[0]))
+
+
 ARCHS: dict[str, Arch] = {
     "relu": Arch(_relu, "standard", penalty=_l1_penalty),
-    "topk": Arch(_topk, "topk", uses_k=True, aux=_auxk),
-    "batchtopk": Arch(_batchtopk, "jumprelu", uses_k=True, batch_level=True, aux=_auxk),
+    "topk": Arch(_topk, "topk", uses_k=True, aux_weights=_dead_weights, select=_topk_select),
+    "batchtopk": Arch(_batchtopk, "jumprelu", uses_k=True, batch_level=True, aux_weights=_dead_weights,
+                      select=_batchtopk_select),
     "jumprelu": Arch(_jumprelu, "jumprelu", penalty=_l0_penalty, extra_params=_jumprelu_params,
                      threshold=_jumprelu_threshold),
     "feature_choice": Arch(_feature_choice, "jumprelu", uses_k=True, batch_level=True,
-                           per_latent_threshold=True, aux=_aux_zipf),
+                           per_latent_threshold=True, aux_weights=_zipf_weights, select=_feature_choice_select),
     # the BatchTopK allocation (top k*B of the token x latent matrix) with aux_zipf_loss
-    "mutual_choice": Arch(_batchtopk, "jumprelu", uses_k=True, batch_level=True, aux=_aux_zipf),
+    "mutual_choice": Arch(_batchtopk, "jumprelu", uses_k=True, batch_level=True, aux_weights=_zipf_weights,
+                          select=_batchtopk_select),
 }

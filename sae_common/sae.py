@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sae_common.architectures import ARCHS, Arch
+from sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
 from sae_common.errors import ConfigError
+from sae_common.sparse import gather_pre, sparse_decode, split_flat
 
 INPUT_NORMS = ("none", "standardize", "scalar")
 
@@ -81,7 +82,7 @@ class SAEOutput:
     """What forward returns. Losses are scalars computed in the normalised input space."""
 
     x_hat: Tensor  # [B, D] reconstruction in raw (input) space
-    acts: Tensor  # [B, F] sparse latent activations
+    acts: Tensor | None  # [B, F] sparse latent activations (None on the sparse training path)
     loss: Tensor  # mse + penalty + aux: what the optimiser minimises
     mse: Tensor  # mean over all B*D elements (the reference's convention)
     penalty: Tensor  # sparsity penalty (relu: L1, jumprelu: L0), else 0
@@ -107,6 +108,8 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
+        # The TopK family trains on the sparse path (sparse.py); False forces the dense reference path.
+        self.sparse_training = True
         D, F = cfg.d_in, cfg.d_sae
         # BatchTopK reference: kaiming-uniform W_enc, W_dec its transpose with unit-norm rows, zero biases
         W_enc = nn.init.kaiming_uniform_(torch.empty(D, F))
@@ -187,7 +190,10 @@ class SAE(nn.Module):
 
     def forward(self, x_BD: Tensor, batch_mode: bool | None = None) -> SAEOutput:
         """Encode, decode and the loss terms. In training mode also records the batch (update_stats) first,
-        so the dead-latent mask of this batch's auxiliary loss includes it (as the reference does)."""
+        so the dead-latent mask of this batch's auxiliary loss includes it (as the reference does).
+        Training the TopK family takes the sparse path (same values, O(k·B·d) after the encoder GEMM)."""
+        if self.training and self.sparse_training and self.arch.select is not None and batch_mode is not False:
+            return self._forward_sparse(x_BD)
         xn_BD, (shift, scale) = self.normalize(x_BD)
         pre_BF = self.pre_activations(xn_BD)
         acts_BF = self.activate(pre_BF, batch_mode)
@@ -197,10 +203,45 @@ class SAE(nn.Module):
         zero = xn_BD.new_zeros(())
         mse = (xhat_n_BD - xn_BD).pow(2).mean()
         penalty = self.arch.penalty(self, pre_BF, acts_BF) if self.arch.penalty else zero
-        aux = self.arch.aux(self, pre_BF, acts_BF, xn_BD - xhat_n_BD) if self.arch.aux else zero
+        aux = zero
+        if self.arch.aux_weights is not None:
+            aux = self.cfg.aux_coeff * aux_reconstruction_loss(pre_BF, self.arch.aux_weights(self), self.W_dec,
+                                                               xn_BD - xhat_n_BD, self.cfg.aux_k)
         l0 = (acts_BF > 0).sum(-1).float().mean()
         return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=acts_BF, loss=mse + penalty + aux, mse=mse,
                          penalty=penalty, aux=aux, l0=l0)
+
+    def _forward_sparse(self, x_BD: Tensor) -> SAEOutput:
+        """forward() in training for architectures with `select`: the encoder GEMM runs without a graph, and
+        only the k·B kept entries (and the aux_k per token of the auxiliary loss) carry gradients (sparse.py).
+        `acts` is None here: nothing [B, F]-sized is built after the encoder."""
+        xn_BD, (shift, scale) = self.normalize(x_BD)
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        with torch.no_grad():
+            pre_BF = self.pre_activations(xn_BD)
+            rows_N, cols_N = split_flat(self.arch.select(self, pre_BF.relu()), pre_BF.shape[1])
+        B = x_BD.shape[0]
+        vals_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, rows_N, cols_N).relu()
+        xhat_n_BD = sparse_decode(vals_N, self.W_dec, rows_N, cols_N, B) + self.b_dec
+        self.record_batch(B, rows_N, cols_N, vals_N.detach())
+        zero = xn_BD.new_zeros(())
+        mse = (xhat_n_BD - xn_BD).pow(2).mean()
+        aux = zero
+        if self.arch.aux_weights is not None:
+            weight_F = self.arch.aux_weights(self)
+            cand_F = (weight_F > 0).nonzero().squeeze(1)
+            if len(cand_F):
+                with torch.no_grad():  # the aux_k best weighted candidates of each token, as flat indices
+                    scores_BC = pre_BF[:, cand_F].relu() * weight_F[cand_F]
+                    idx_BA = scores_BC.topk(min(self.cfg.aux_k, len(cand_F)), dim=-1, sorted=False).indices
+                    flat = (torch.arange(B, device=x_BD.device)[:, None] * pre_BF.shape[1] + cand_F[idx_BA])
+                    r_A, c_A = split_flat(flat.flatten().sort().values, pre_BF.shape[1])
+                v_A = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, r_A, c_A).relu() * weight_F[c_A]
+                e_hat_BD = sparse_decode(v_A, self.W_dec, r_A, c_A, B)
+                aux = self.cfg.aux_coeff * (e_hat_BD - (xn_BD - xhat_n_BD).detach()).pow(2).mean()
+        l0 = (vals_N > 0).sum().float() / B
+        return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=None, loss=mse + aux, mse=mse, penalty=zero,
+                         aux=aux, l0=l0)
 
     # ------------------------------------------------------------ decoder constraint
 
@@ -218,17 +259,30 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def update_stats(self, acts_BF: Tensor) -> None:
-        """Record one training batch: dead-latent counters (in tokens), densities, the θ window."""
-        fired_BF = acts_BF > 0
-        self.tokens_since_fired.add_(acts_BF.shape[0]).masked_fill_(fired_BF.any(0), 0)
+        """Record one training batch from its dense latents (see record_batch)."""
+        rows_N, cols_N = acts_BF.nonzero(as_tuple=True)
+        self.record_batch(acts_BF.shape[0], rows_N, cols_N, acts_BF[rows_N, cols_N])
+
+    @torch.no_grad()
+    def record_batch(self, n_tokens: int, rows_N: Tensor, cols_N: Tensor, vals_N: Tensor) -> None:
+        """Record one training batch given its kept entries: dead-latent counters (in tokens), densities,
+        and for batch-level architectures the smallest activation kept (the θ window)."""
+        F = self.cfg.d_sae
+        fired = vals_N > 0
+        cols_N, vals_N = cols_N[fired], vals_N[fired]
+        counts_F = torch.bincount(cols_N, minlength=F)
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(counts_F > 0, 0)
         n_seen = int(self.n_batches)
         # running mean over the first N batches, then an EMA with time constant N
-        self.density.lerp_(fired_BF.to(self.density.dtype).mean(0), 1 / min(n_seen + 1, self.cfg.stats_window))
+        self.density.lerp_(counts_F.to(self.density.dtype) / n_tokens, 1 / min(n_seen + 1, self.cfg.stats_window))
         if self.arch.batch_level:
-            kept_BF = acts_BF.masked_fill(~fired_BF, math.inf)
-            smallest_T = kept_BF.amin(0) if self.arch.per_latent_threshold else kept_BF.amin().reshape(1)
+            if self.arch.per_latent_threshold:
+                smallest_T = torch.full((F,), math.inf, dtype=vals_N.dtype, device=vals_N.device)
+                smallest_T.scatter_reduce_(0, cols_N, vals_N, reduce="amin")
+            else:
+                smallest_T = vals_N.min().reshape(1) if len(vals_N) else vals_N.new_full((1,), math.inf)
             # a latent that kept nothing this batch says nothing about its threshold: NaN, skipped in the mean
-            self.theta_window[n_seen % self.cfg.stats_window] = smallest_T.nan_to_num(posinf=math.nan)
+            self.theta_window[n_seen % self.cfg.stats_window] = smallest_T.float().nan_to_num(posinf=math.nan)
         self.n_batches += 1
 
     def dead_mask(self) -> Tensor:

@@ -38,7 +38,13 @@ def load_case(case: str) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, {k: json.loads(v) for k, v in f.metadata().items()}
 
 
-def build_sae(t: dict[str, torch.Tensor], meta: dict, arch: str) -> SAE:
+@pytest.fixture(params=[False, True], ids=["dense", "sparse"])
+def sparse(request) -> bool:
+    """Every golden check runs on the dense reference path and on the sparse training path (TopK family)."""
+    return request.param
+
+
+def build_sae(t: dict[str, torch.Tensor], meta: dict, arch: str, sparse: bool = False) -> SAE:
     B = meta["B"]
     cfg = SAEConfig(d_in=meta["d"], d_sae=meta["F"], arch=arch, k=max(meta["k"], 1), l1_coeff=meta["l1_coeff"],
                     l0_coeff=meta["l1_coeff"], aux_k=meta["top_k_aux"], aux_coeff=meta["aux_penalty"],
@@ -46,6 +52,7 @@ def build_sae(t: dict[str, torch.Tensor], meta: dict, arch: str) -> SAE:
                     input_norm="standardize" if meta["input_unit_norm"] else "none",
                     apply_b_dec_to_input=arch != "jumprelu")  # the reference's JumpReLU encodes x, not x − b_dec
     sae = SAE(cfg)
+    sae.sparse_training = sparse
     with torch.no_grad():
         for name, p in sae.named_parameters():
             p.copy_(t[name])
@@ -58,6 +65,9 @@ def run_step(sae: SAE, x: torch.Tensor):
     sae.train()
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS, eps=EPS)
     out = sae(x)
+    if out.acts is None:  # the sparse path builds no [B, F] latents: take the batch-mode ones, same weights
+        with torch.no_grad():
+            out.acts = sae.activate(sae.pre_activations(sae.normalize(x)[0]), batch_mode=True)
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
     sae.constrain_decoder()
@@ -101,9 +111,9 @@ def reference_topk_grads(t: dict, meta: dict, batch: bool, detach_residual: bool
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_forward_matches_reference(case):
+def test_forward_matches_reference(case, sparse):
     t, meta = load_case(case)
-    sae = build_sae(t, meta, CASES[case])
+    sae = build_sae(t, meta, CASES[case], sparse)
     out, _ = run_step(sae, t["x"])
     torch.testing.assert_close(out.acts, t["feature_acts"], **FWD)
     torch.testing.assert_close(out.x_hat, t["sae_out"], **FWD)
@@ -118,9 +128,9 @@ def test_forward_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bookkeeping_matches_reference(case):
+def test_bookkeeping_matches_reference(case, sparse):
     t, meta = load_case(case)
-    sae = build_sae(t, meta, CASES[case])
+    sae = build_sae(t, meta, CASES[case], sparse)
     run_step(sae, t["x"])
     B = meta["B"]
     if case == "jumprelu":
@@ -137,9 +147,9 @@ def test_bookkeeping_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", ["batchtopk", "batchtopk_unitnorm", "topk", "topk_unitnorm"])
-def test_topk_step_matches_reference_with_detached_residual(case):
+def test_topk_step_matches_reference_with_detached_residual(case, sparse):
     t, meta = load_case(case)
-    sae = build_sae(t, meta, CASES[case])
+    sae = build_sae(t, meta, CASES[case], sparse)
     _, grads = run_step(sae, t["x"])
     batch = CASES[case] == "batchtopk"
     theirs = reference_topk_grads(t, meta, batch, detach_residual=False)

@@ -18,8 +18,12 @@ D, F, B, K = 16, 64, 32, 4
 
 
 def make_sae(arch: str, seed: int = 0, **overrides) -> SAE:
+    """An SAE on the dense reference path (its `acts` are what these tests inspect; test_sparse.py checks the
+    sparse training path against it)."""
     torch.manual_seed(seed)
-    return SAE(SAEConfig(**{"d_in": D, "d_sae": F, "arch": arch, "k": K, "stats_window": 8, **overrides}))
+    sae = SAE(SAEConfig(**{"d_in": D, "d_sae": F, "arch": arch, "k": K, "stats_window": 8, **overrides}))
+    sae.sparse_training = False
+    return sae
 
 
 def batch(seed: int, n: int = B) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""The sparse training path (sae_common/sparse.py) equals the dense reference path, value for value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_common.architectures import ARCHS
+from sae_common.sae import SAE, SAEConfig
+from sae_common.sparse import batch_topk_flat, densify, gather_pre, sparse_decode, split_flat, topk_flat
+
+SPARSE_ARCHS = [name for name, arch in ARCHS.items() if arch.select is not None]
+B, D, F, K = 64, 16, 96, 4
+
+
+def test_every_topk_family_architecture_has_the_sparse_path():
+    assert set(SPARSE_ARCHS) == {"topk", "batchtopk", "feature_choice", "mutual_choice"}
+
+
+@pytest.mark.parametrize("shape,n_keep", [((4096, 3000), 4096 * 8), ((64, 96), 256), ((7, 5), 30), ((512, 2048), 512)])
+def test_batch_topk_flat_equals_the_naive_full_topk(shape, n_keep):
+    acts = torch.randn(shape, generator=torch.Generator().manual_seed(0)).relu()  # half zeros, like relu(pre)
+    naive = acts.flatten().topk(n_keep).indices.sort().values
+    fast = batch_topk_flat(acts, n_keep)
+    if (acts > 0).sum() >= n_keep:
+        assert torch.equal(fast, naive)
+    else:  # fewer positives than the budget: the same positives, and zeros (which stay inactive) as filler
+        assert torch.equal(acts.flatten()[fast].sort().values, acts.flatten()[naive].sort().values)
+
+
+def test_topk_flat_equals_per_row_topk():
+    acts = torch.randn(33, 50, generator=torch.Generator().manual_seed(1))
+    rows, cols = split_flat(topk_flat(acts, 5), 50)
+    expected = torch.zeros_like(acts, dtype=torch.bool).scatter(1, acts.topk(5, dim=1).indices, True)
+    assert torch.equal(densify(rows, cols, torch.ones(len(rows)), acts.shape).bool(), expected)
+
+
+@pytest.mark.parametrize("arch", SPARSE_ARCHS)
+def test_selection_is_what_the_dense_activation_keeps(arch):
+    sae = SAE(SAEConfig(d_in=D, d_sae=F, arch=arch, k=K))
+    pre = torch.randn(B, F, generator=torch.Generator().manual_seed(2))
+    dense = sae.arch.activation(sae, pre)
+    rows, cols = split_flat(sae.arch.select(sae, pre.relu()), F)
+    assert torch.equal(densify(rows, cols, pre[rows, cols].relu(), (B, F)), dense)
+
+
+def test_sparse_kernels_have_the_dense_gradients():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, D, generator=g)
+    W_enc, b_enc, b_dec = (torch.randn(*s, generator=g, requires_grad=True) for s in ((D, F), (F,), (D,)))
+    W_dec = torch.randn(F, D, generator=g, requires_grad=True)
+    with torch.no_grad():
+        pre = (x - b_dec) @ W_enc + b_enc
+    rows, cols = split_flat(batch_topk_flat(pre.relu(), B * K), F)
+    target = torch.randn(B, D, generator=g)
+    sparse_out = sparse_decode(gather_pre(pre, x, W_enc, b_enc, b_dec, rows, cols).relu(), W_dec, rows, cols, B)
+    (sparse_out - target).pow(2).sum().backward()
+    sparse_grads = [p.grad.clone() for p in (W_enc, b_enc, b_dec, W_dec)]
+    for p in (W_enc, b_enc, b_dec, W_dec):
+        p.grad = None
+    pre_dense = (x - b_dec) @ W_enc + b_enc
+    mask = densify(rows, cols, torch.ones(len(rows)), (B, F)).bool()
+    dense_out = (pre_dense.relu() * mask) @ W_dec
+    (dense_out - target).pow(2).sum().backward()
+    torch.testing.assert_close(sparse_out, dense_out, atol=1e-5, rtol=1e-5)
+    for got, p in zip(sparse_grads, (W_enc, b_enc, b_dec, W_dec)):
+        torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4)
+
+
+def _steps(arch: str, sparse: bool, input_norm: str, n_steps: int = 6) -> SAE:
+    torch.manual_seed(0)
+    # dead_tokens small: latents die within the run, so the auxiliary loss is exercised on both paths
+    sae = SAE(SAEConfig(d_in=D, d_sae=F, arch=arch, k=K, input_norm=input_norm, dead_tokens=2 * B, aux_k=8))
+    sae.sparse_training = sparse
+    g = torch.Generator().manual_seed(4)
+    mix = torch.randn(D, D, generator=g)
+    data = [torch.randn(B, D, generator=g) @ mix + 2 for _ in range(n_steps)]
+    if input_norm == "scalar":
+        sae.set_input_scale(data[0])
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    sae.train()
+    for x in data:
+        opt.zero_grad()
+        out = sae(x)
+        out.loss.backward()
+        sae.constrain_decoder()
+        opt.step()
+    sae.last_out = out
+    return sae
+
+
+@pytest.mark.parametrize("input_norm", ["scalar", "standardize"])
+@pytest.mark.parametrize("arch", SPARSE_ARCHS)
+def test_training_steps_on_both_paths_give_the_same_sae(arch, input_norm):
+    dense, sparse = _steps(arch, False, input_norm), _steps(arch, True, input_norm)
+    assert sparse.last_out.acts is None and dense.last_out.acts is not None  # the paths really differ
+    assert float(dense.last_out.aux) > 0  # the auxiliary loss (dead or, for aux_zipf, under-used latents) took part
+    for name in ("loss", "mse", "aux", "l0"):
+        torch.testing.assert_close(getattr(sparse.last_out, name), getattr(dense.last_out, name), atol=1e-5, rtol=1e-4)
+    for (name, a), (_, b) in zip(sparse.state_dict().items(), dense.state_dict().items()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", SPARSE_ARCHS)
+def test_sparse_path_on_cuda_equals_dense(arch):
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=64, d_sae=512, arch=arch, k=8, input_norm="none")).cuda().train()
+    x = torch.randn(256, 64, device="cuda")
+    outs = {}
+    for sparse in (False, True):
+        sae.sparse_training = sparse
+        sae.zero_grad()
+        out = sae(x)
+        out.loss.backward()
+        outs[sparse] = (out.loss.detach(), sae.W_enc.grad.clone(), sae.W_dec.grad.clone())
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
