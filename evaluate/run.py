@@ -1,0 +1,123 @@
+"""`sae eval`: splice every SAE into the model on the cache's held-out tokens and measure what DESIGN.md
+("Metrics") lists; write eval.json per SAE, eval_summary.json and plots for the run, and print a table.
+
+Per batch of contexts the model runs once clean (all layers), twice per hook for the zero and mean
+ablations, and once per SAE; the ablated and spliced passes resume at the hook's block from the clean
+residual, so they run only the blocks from there to the logits (evaluate/splice.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+
+from evaluate.metrics import ActivationStats, Mean, SAEStats, kl_per_token, log_probs, next_token_ce, sae_metrics
+from evaluate.plots import save_plots
+from evaluate.report import print_table, sae_report, write_reports
+from evaluate.sources import (EvalError, Target, activation_mean, check_fit, find_sae_dirs, heldout_rows,
+                              heldout_tokens, keep_positions, load_eval_model, load_targets, open_target_cache,
+                              output_dir)
+from evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
+from sae_common.cache_format import Cache
+from sae_common.config import EvalConfig
+from sae_common.model import hook_layer, resolve_device
+
+DEFAULT_ROOT = Path("cache")
+
+
+@dataclass
+class HookGroup:
+    """The SAEs that read one hook, and what they share: the activation statistics and the ablations."""
+
+    hook: str
+    mean_D: Tensor  # the held-out mean activation, spliced in by mean ablation
+    members: list[tuple[Target, SAEStats]]
+    acts: ActivationStats
+    ce_zero: Mean = field(default_factory=Mean)
+    ce_mean: Mean = field(default_factory=Mean)
+
+
+def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAULT_ROOT) -> list[dict]:
+    """Evaluate the SAEs `cfg` names; returns one report (the content of its eval.json) per SAE."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    if cfg.dataset is not None:
+        raise EvalError(f"--dataset {cfg.dataset!r}: evaluating on fresh text is not supported yet; `sae eval` reads "
+                        "the held-out rows of the cache the SAEs were trained on (choose how many with --tokens)")
+    targets = load_targets(find_sae_dirs(cfg.saes, root, console))
+    cache = open_target_cache(targets, cfg.cache)
+    rows = heldout_rows(cache, targets, cfg.tokens)
+    tokens_NT = heldout_tokens(cache, *rows)
+    device = resolve_device(cfg.device)
+    loaded = load_eval_model(cache, cfg, device)
+    check_fit(loaded, targets, tokens_NT[:1].to(device))
+    keep_T = keep_positions(cache, cfg.include_bos)
+    groups = build_groups(targets, cache, rows, keep_T, device, loaded.bridge.cfg.dtype)
+    console.print(f"evaluating {len(targets)} SAE(s) on {len(tokens_NT) * keep_T.sum().item():,} held-out tokens "
+                  f"(rows [{rows[0]:,}, {rows[1]:,}) of {cache.path}) spliced into {loaded.source}")
+    ce_clean = Mean()
+    with _progress(console) as progress, torch.inference_mode():
+        task = progress.add_task("eval", total=rows[1] - rows[0])
+        for tokens_BT in tokens_NT.split(cfg.batch_size):
+            evaluate_batch(loaded.bridge, tokens_BT.to(device), keep_T.to(device), groups, ce_clean, cfg.batch_mode)
+            progress.advance(task, tokens_BT.numel())
+    reports = [sae_report(t, sae_metrics(stats, g.acts, ce_clean, g.ce_zero, g.ce_mean), cfg=cfg, cache=cache,
+                          rows=rows, model=loaded.source)
+               for g in groups for t, stats in g.members]
+    out = output_dir(targets, cfg.out)
+    plots = save_plots(reports, out / "plots")
+    summary = write_reports(reports, out, plots=[str(p) for p in plots.values()])
+    print_table(reports, console)
+    console.print(f"[green]done[/]: eval.json in each SAE directory, {summary} and {len(plots)} plot(s) in "
+                  f"{out / 'plots'}")
+    return reports
+
+
+def build_groups(targets: list[Target], cache: Cache, rows: tuple[int, int], keep_T: Tensor, device: str,
+                 model_dtype: torch.dtype) -> list[HookGroup]:
+    groups: dict[str, HookGroup] = {}
+    for t in targets:
+        if t.hook not in groups:
+            mean_D = activation_mean(cache, t.hook, *rows, keep_T)
+            groups[t.hook] = HookGroup(t.hook, mean_D.to(device, model_dtype), [], ActivationStats(mean_D))
+        t.sae.to(device)
+        groups[t.hook].members.append((t, SAEStats(t.sae.cfg.d_sae)))
+    return list(groups.values())
+
+
+def evaluate_batch(bridge, tokens_BT: Tensor, keep_T: Tensor, groups: list[HookGroup], ce_clean: Mean,
+                   batch_mode: bool) -> None:
+    """One batch of contexts: the clean pass, then per hook the two ablations and one pass per SAE."""
+    clean = clean_pass(bridge, tokens_BT, [g.hook for g in groups])
+    keep_BT = keep_T.expand_as(tokens_BT)
+    keep_ce_BT = keep_BT[:, :-1]  # predictions made at kept positions (the last has no next token)
+    logp_clean_BTV = log_probs(clean.logits_BTV)
+    clean.logits_BTV = None  # only the log-probs are needed from here (B x T x V floats each)
+    ce_clean.add(next_token_ce(logp_clean_BTV, tokens_BT)[keep_ce_BT])
+
+    def ce_with(g: HookGroup, new_ND: Tensor) -> tuple[Tensor, Tensor]:
+        replacement_BTD = with_replaced(clean.acts[g.hook], keep_BT, new_ND)
+        logp_BTV = log_probs(spliced_logits(bridge, clean.resid[hook_layer(g.hook)], g.hook, replacement_BTD))
+        return next_token_ce(logp_BTV, tokens_BT)[keep_ce_BT], logp_BTV
+
+    for g in groups:
+        x_ND = clean.acts[g.hook][keep_BT]
+        g.acts.add(x_ND)
+        g.ce_zero.add(ce_with(g, x_ND.new_zeros(()))[0])
+        g.ce_mean.add(ce_with(g, g.mean_D)[0])
+        for target, stats in g.members:
+            x_hat_ND, acts_NF = reconstruct(target.sae, x_ND, batch_mode)
+            stats.add_reconstruction(x_ND, x_hat_ND, acts_NF)
+            ce_N, logp_BTV = ce_with(g, x_hat_ND)
+            stats.ce_spliced.add(ce_N)
+            stats.kl.add(kl_per_token(logp_clean_BTV, logp_BTV)[keep_BT])
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"), TimeRemainingColumn(),
+                    console=console)
