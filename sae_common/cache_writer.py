@@ -60,7 +60,9 @@ class CacheWriter:
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = _acquire_lock(path)
         try:
-            if (path / "zarr.json").exists() and overwrite:
+            exists = (path / "zarr.json").exists()
+            if not exists or overwrite or open_cache(path).n_tokens == 0:
+                # nothing to keep: leftovers of an interrupted creation, an empty cache, or --overwrite
                 _clear_except_lock(path)
             if (path / "zarr.json").exists():
                 existing = open_cache(path).meta
@@ -82,7 +84,10 @@ class CacheWriter:
     @classmethod
     def _create(cls, path: Path, meta: dict[str, Any], identity: dict[str, Any]) -> "CacheWriter":
         layout, dtype = meta["layout"], meta["dtype"]
-        group = zarr.open_group(path, mode="w")
+        full = {"format_version": FORMAT_VERSION, **meta, "identity": identity,
+                "n_tokens": 0, "shards": [], "complete": False}
+        # The group is born with its attributes: a reader never sees a group that is not yet a cache.
+        group = zarr.create_group(path, attributes={ATTRS_KEY: full})
         rows_c, rows_s = layout["rows_per_chunk"], layout["rows_per_shard"]
         codecs = compressors(meta["compression"], dtype)
         for hook in meta["hooks"]:
@@ -91,9 +96,6 @@ class CacheWriter:
                                compressors=codecs, fill_value=0)
         group.create_array(TOKENS, shape=(0,), dtype=np.int32, chunks=(rows_c,), shards=(rows_s,),
                            compressors=compressors(meta["compression"], "float32"), fill_value=0)
-        full = {"format_version": FORMAT_VERSION, **meta, "identity": identity,
-                "n_tokens": 0, "shards": [], "complete": False}
-        group.attrs[ATTRS_KEY] = full
         return cls(path, full)
 
     # -- writing ---------------------------------------------------------------------------------------

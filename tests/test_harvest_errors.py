@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from sae_common.cache_format import open_cache, verify
-from sae_common.cache_writer import CacheWriter, _acquire_lock
+from sae_common.cache_format import layout_for
+from sae_common.cache_writer import CacheWriter
 from sae_common.cli import main
 from tests.test_harvest import harvest_args
 
@@ -121,13 +122,13 @@ def test_different_config_is_refused_naming_the_fields_and_overwrite_replaces(ch
 
 def test_two_harvests_cannot_write_one_cache(checkpoints, corpus, tmp_path):
     out_dir = tmp_path / "c.zarr"
-    out_dir.mkdir()
-    fd = _acquire_lock(out_dir)  # as another harvest holding the cache would
-    try:
+    meta = {"model": "m", "hooks": ["blocks.1.hook_resid_post"], "d_model": 32, "context_size": 32,
+            "prepend_bos": True, "dtype": "bfloat16", "compression": "zstd",
+            "layout": layout_for(32, "bfloat16", 32, 512), "dataset": {}}
+    with CacheWriter.open(out_dir, meta, identity={}):  # as another harvest holding the cache would
         out = fails(*harvest_args(checkpoints["gpt2"], corpus, out_dir, "--layer", 1))
         assert f"another process (pid {os.getpid()}) is writing the cache" in out
-    finally:
-        os.close(fd)
+        assert (out_dir / ".writer.lock").exists()  # creating the cache kept the lock file
 
 
 def test_bad_token_count():
