@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
 from sae_common.errors import ConfigError
-from sae_common.sparse import gather_pre, sparse_decode, split_flat
+from sae_common.sparse import Selection, gather_pre, sparse_decode
 
 INPUT_NORMS = ("none", "standardize", "scalar")
 
@@ -50,9 +50,11 @@ class SAEConfig:
     SAELens) lets thresholds reach their scale in hundreds of steps. The golden tests pass the reference's 0.001."""
     jumprelu_init_threshold: float = 0.1
     """jumprelu: initial threshold θ, on the scale of the normalised pre-activations (JumpReLU paper: 0.001)."""
-    stats_window: int = 1000
+    stats_window: int = 100
     """Training batches averaged for the batch-level inference threshold θ (a ring buffer of the last N
-    batches' smallest kept activation) and, as an EMA with that time constant, for each latent's density."""
+    batches' smallest kept activation) and, as an EMA with that time constant, for each latent's density.
+    Recent batches only: θ drifts as the SAE trains, and an average reaching back into early training sets
+    it too high (inference L0 then falls short of k). 100 batches are 400k tokens at the paper's batch size."""
     zipf_exponent: float = 1.0
     """feature_choice, mutual_choice: exponent α of the Zipf law behind aux_zipf_loss's target densities."""
     input_norm: str = "scalar"
@@ -213,35 +215,47 @@ class SAE(nn.Module):
 
     def _forward_sparse(self, x_BD: Tensor) -> SAEOutput:
         """forward() in training for architectures with `select`: the encoder GEMM runs without a graph, and
-        only the k·B kept entries (and the aux_k per token of the auxiliary loss) carry gradients (sparse.py).
-        `acts` is None here: nothing [B, F]-sized is built after the encoder."""
+        only the k·B kept entries carry gradients (sparse.py). `acts` is None here: nothing [B, F]-sized is
+        built after the encoder."""
         xn_BD, (shift, scale) = self.normalize(x_BD)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         with torch.no_grad():
             pre_BF = self.pre_activations(xn_BD)
-            rows_N, cols_N = split_flat(self.arch.select(self, pre_BF.relu()), pre_BF.shape[1])
-        B = x_BD.shape[0]
-        vals_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, rows_N, cols_N).relu()
-        xhat_n_BD = sparse_decode(vals_N, self.W_dec, rows_N, cols_N, B) + self.b_dec
-        self.record_batch(B, rows_N, cols_N, vals_N.detach())
+            sel = Selection(self.arch.select(self, pre_BF.relu()), pre_BF.shape)
+        vals_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu()
+        xhat_n_BD = sparse_decode(vals_N, self.W_dec, sel) + self.b_dec
+        self.record_batch(x_BD.shape[0], sel.rows, sel.cols, vals_N.detach())
         zero = xn_BD.new_zeros(())
         mse = (xhat_n_BD - xn_BD).pow(2).mean()
         aux = zero
         if self.arch.aux_weights is not None:
-            weight_F = self.arch.aux_weights(self)
-            cand_F = (weight_F > 0).nonzero().squeeze(1)
-            if len(cand_F):
-                with torch.no_grad():  # the aux_k best weighted candidates of each token, as flat indices
-                    scores_BC = pre_BF[:, cand_F].relu() * weight_F[cand_F]
-                    idx_BA = scores_BC.topk(min(self.cfg.aux_k, len(cand_F)), dim=-1, sorted=False).indices
-                    flat = (torch.arange(B, device=x_BD.device)[:, None] * pre_BF.shape[1] + cand_F[idx_BA])
-                    r_A, c_A = split_flat(flat.flatten().sort().values, pre_BF.shape[1])
-                v_A = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, r_A, c_A).relu() * weight_F[c_A]
-                e_hat_BD = sparse_decode(v_A, self.W_dec, r_A, c_A, B)
-                aux = self.cfg.aux_coeff * (e_hat_BD - (xn_BD - xhat_n_BD).detach()).pow(2).mean()
-        l0 = (vals_N > 0).sum().float() / B
+            aux = self._aux_sparse(pre_BF, xn_BD, b_dec, (xn_BD - xhat_n_BD).detach())
+        l0 = (vals_N > 0).sum().float() / x_BD.shape[0]
         return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=None, loss=mse + aux, mse=mse, penalty=zero,
                          aux=aux, l0=l0)
+
+    def _aux_sparse(self, pre_BF: Tensor, xn_BD: Tensor, b_dec: Tensor | None, residual_BD: Tensor) -> Tensor:
+        """The auxiliary loss on the sparse path. With C candidate latents (dead or under-used) a dense
+        [B, C] computation costs ~4·B·C·d at GEMM speed, the sparse one ~4·B·aux_k·d at gather speed (an
+        order of magnitude slower per FLOP): dense unless candidates far outnumber aux_k."""
+        weight_F = self.arch.aux_weights(self)
+        cand_C = (weight_F > 0).nonzero().squeeze(1)
+        if len(cand_C) == 0:
+            return xn_BD.new_zeros(())
+        if len(cand_C) < 16 * self.cfg.aux_k:
+            x_in_BD = xn_BD - b_dec if b_dec is not None else xn_BD
+            pre_BC = x_in_BD @ self.W_enc[:, cand_C] + self.b_enc[cand_C]
+            return self.cfg.aux_coeff * aux_reconstruction_loss(pre_BC, weight_F[cand_C], self.W_dec[cand_C],
+                                                                residual_BD, self.cfg.aux_k)
+        B, F = pre_BF.shape
+        with torch.no_grad():  # the aux_k best weighted candidates of each token, as flat indices
+            scores_BC = pre_BF[:, cand_C].relu() * weight_F[cand_C]
+            idx_BA = scores_BC.topk(self.cfg.aux_k, dim=-1, sorted=False).indices
+            flat = torch.arange(B, device=pre_BF.device)[:, None] * F + cand_C[idx_BA]
+            sel = Selection(flat.flatten().sort().values, (B, F))
+        v_A = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu() * weight_F[sel.cols]
+        e_hat_BD = sparse_decode(v_A, self.W_dec, sel)
+        return self.cfg.aux_coeff * (e_hat_BD - residual_BD).pow(2).mean()
 
     # ------------------------------------------------------------ decoder constraint
 

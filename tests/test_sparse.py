@@ -7,7 +7,7 @@ import torch
 
 from sae_common.architectures import ARCHS
 from sae_common.sae import SAE, SAEConfig
-from sae_common.sparse import batch_topk_flat, densify, gather_pre, sparse_decode, split_flat, topk_flat
+from sae_common.sparse import Selection, batch_topk_flat, densify, gather_pre, sparse_decode, topk_flat
 
 SPARSE_ARCHS = [name for name, arch in ARCHS.items() if arch.select is not None]
 B, D, F, K = 64, 16, 96, 4
@@ -30,7 +30,8 @@ def test_batch_topk_flat_equals_the_naive_full_topk(shape, n_keep):
 
 def test_topk_flat_equals_per_row_topk():
     acts = torch.randn(33, 50, generator=torch.Generator().manual_seed(1))
-    rows, cols = split_flat(topk_flat(acts, 5), 50)
+    sel = Selection(topk_flat(acts, 5), acts.shape)
+    rows, cols = sel.rows, sel.cols
     expected = torch.zeros_like(acts, dtype=torch.bool).scatter(1, acts.topk(5, dim=1).indices, True)
     assert torch.equal(densify(rows, cols, torch.ones(len(rows)), acts.shape).bool(), expected)
 
@@ -40,8 +41,8 @@ def test_selection_is_what_the_dense_activation_keeps(arch):
     sae = SAE(SAEConfig(d_in=D, d_sae=F, arch=arch, k=K))
     pre = torch.randn(B, F, generator=torch.Generator().manual_seed(2))
     dense = sae.arch.activation(sae, pre)
-    rows, cols = split_flat(sae.arch.select(sae, pre.relu()), F)
-    assert torch.equal(densify(rows, cols, pre[rows, cols].relu(), (B, F)), dense)
+    sel = Selection(sae.arch.select(sae, pre.relu()), (B, F))
+    assert torch.equal(densify(sel.rows, sel.cols, pre[sel.rows, sel.cols].relu(), (B, F)), dense)
 
 
 def test_sparse_kernels_have_the_dense_gradients():
@@ -51,9 +52,10 @@ def test_sparse_kernels_have_the_dense_gradients():
     W_dec = torch.randn(F, D, generator=g, requires_grad=True)
     with torch.no_grad():
         pre = (x - b_dec) @ W_enc + b_enc
-    rows, cols = split_flat(batch_topk_flat(pre.relu(), B * K), F)
+    sel = Selection(batch_topk_flat(pre.relu(), B * K), (B, F))
+    rows, cols = sel.rows, sel.cols
     target = torch.randn(B, D, generator=g)
-    sparse_out = sparse_decode(gather_pre(pre, x, W_enc, b_enc, b_dec, rows, cols).relu(), W_dec, rows, cols, B)
+    sparse_out = sparse_decode(gather_pre(pre, x, W_enc, b_enc, b_dec, sel).relu(), W_dec, sel)
     (sparse_out - target).pow(2).sum().backward()
     sparse_grads = [p.grad.clone() for p in (W_enc, b_enc, b_dec, W_dec)]
     for p in (W_enc, b_enc, b_dec, W_dec):
@@ -67,10 +69,10 @@ def test_sparse_kernels_have_the_dense_gradients():
         torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4)
 
 
-def _steps(arch: str, sparse: bool, input_norm: str, n_steps: int = 6) -> SAE:
+def _steps(arch: str, sparse: bool, input_norm: str, aux_k: int = 8, n_steps: int = 6) -> SAE:
     torch.manual_seed(0)
     # dead_tokens small: latents die within the run, so the auxiliary loss is exercised on both paths
-    sae = SAE(SAEConfig(d_in=D, d_sae=F, arch=arch, k=K, input_norm=input_norm, dead_tokens=2 * B, aux_k=8))
+    sae = SAE(SAEConfig(d_in=D, d_sae=F, arch=arch, k=K, input_norm=input_norm, dead_tokens=2 * B, aux_k=aux_k))
     sae.sparse_training = sparse
     g = torch.Generator().manual_seed(4)
     mix = torch.randn(D, D, generator=g)
@@ -89,12 +91,16 @@ def _steps(arch: str, sparse: bool, input_norm: str, n_steps: int = 6) -> SAE:
     return sae
 
 
-@pytest.mark.parametrize("input_norm", ["scalar", "standardize"])
+@pytest.mark.parametrize("input_norm,aux_k", [("scalar", 8), ("standardize", 8), ("scalar", 1)])
 @pytest.mark.parametrize("arch", SPARSE_ARCHS)
-def test_training_steps_on_both_paths_give_the_same_sae(arch, input_norm):
-    dense, sparse = _steps(arch, False, input_norm), _steps(arch, True, input_norm)
+def test_training_steps_on_both_paths_give_the_same_sae(arch, input_norm, aux_k):
+    """aux_k=8: few candidates, the sparse path's auxiliary loss runs dense on them; aux_k=1: candidates far
+    outnumber aux_k, and it runs sparse too."""
+    dense, sparse = _steps(arch, False, input_norm, aux_k), _steps(arch, True, input_norm, aux_k)
     assert sparse.last_out.acts is None and dense.last_out.acts is not None  # the paths really differ
-    assert float(dense.last_out.aux) > 0  # the auxiliary loss (dead or, for aux_zipf, under-used latents) took part
+    n_candidates = int((sparse.arch.aux_weights(sparse) > 0).sum())
+    assert (n_candidates >= 16 * aux_k) == (aux_k == 1), n_candidates  # each branch of _aux_sparse is covered
+    assert dense.last_out.aux.item() > 0  # the auxiliary loss (dead or, for aux_zipf, under-used latents) took part
     for name in ("loss", "mse", "aux", "l0"):
         torch.testing.assert_close(getattr(sparse.last_out, name), getattr(dense.last_out, name), atol=1e-5, rtol=1e-4)
     for (name, a), (_, b) in zip(sparse.state_dict().items(), dense.state_dict().items()):
