@@ -23,6 +23,7 @@ from evaluate.sources import (EvalError, Target, activation_mean, check_fit, fin
                               heldout_tokens, keep_positions, load_eval_model, load_targets, open_target_cache,
                               output_dir)
 from evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
+from sae_common.console import make_console
 from sae_common.cache_format import Cache
 from sae_common.config import EvalConfig
 from sae_common.model import hook_layer, resolve_device
@@ -44,7 +45,7 @@ class HookGroup:
 
 def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAULT_ROOT) -> list[dict]:
     """Evaluate the SAEs `cfg` names; returns one report (the content of its eval.json) per SAE."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console()
     if cfg.dataset is not None:
         raise EvalError(f"--dataset {cfg.dataset!r}: evaluating on fresh text is not supported yet; `sae eval` reads "
                         "the held-out rows of the cache the SAEs were trained on (choose how many with --tokens)")

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from sae_common.console import make_console
 from sae_common.model import LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
 from harvest.text import DataError, Position, open_documents, pack_contexts, separator_id
 from sae_common.cache_format import EXPECTED_RATIO, itemsize, layout_for, to_storage
@@ -84,7 +85,7 @@ def harvest(cfg: HarvestConfig, out: Path | None = None, *, overwrite: bool = Fa
             console: Console | None = None, loaded: LoadedModel | None = None) -> Path:
     """Run the harvest (or resume it) and return the cache path. `loaded`: a model already loaded the way
     `load_model` does for these hooks (benchmarks reuse one)."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console()
     hooks = hook_names(cfg.layers, cfg.hook)
     n_target = (cfg.tokens // cfg.context_size) * cfg.context_size
     if n_target == 0:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from sae_common.console import make_console
 from sae_common.cache_format import Cache, CacheError, find_caches, holdout_start, open_cache, verify
 from sae_common.config import TrainConfig
 from sae_common.errors import UserError
@@ -88,7 +89,7 @@ def build_members(entries: list[SweepEntry], device: str, seed: int, dtype: str 
 
 def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = None) -> Path:
     """Train (or resume) the sweep; returns the run directory."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console()
     cache = pick_cache(cfg, console)
     hook = pick_hook(cfg, cache)
     entries = expand(cfg, cache.d_model)
