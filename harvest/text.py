@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from sae_common.errors import UserError
+from sae_common.model import ASSETS
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_GROUP = 64  # documents tokenized per call (fast tokenizers batch well)
+# Text shipped with the project (scripts/train_tiny_lm.py): stdlib prose the built-in model never trained on,
+# one document per paragraph.
+BUILTIN_DATASETS = {"stdlib-sample": ASSETS / "stdlib-sample.txt"}
 
 
 class DataError(UserError):
@@ -32,7 +36,9 @@ class Position:
 
 
 def local_files(dataset: str) -> list[str] | None:
-    """The files a local dataset names (a file, a folder or a glob), or None if it is not local."""
+    """The files a local dataset names (a built-in name, a file, a folder or a glob), or None if not local."""
+    if dataset in BUILTIN_DATASETS:
+        return [str(BUILTIN_DATASETS[dataset])]
     path = Path(dataset).expanduser()
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
