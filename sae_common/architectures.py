@@ -248,8 +248,8 @@ class Arch:
     """sae -> [F] weights of the latents that reconstruct the residual in the auxiliary loss (AuxK: the dead
     ones; aux_zipf: dead and under-used): aux_coeff · aux_reconstruction_loss is added to the loss."""
     select: Callable[..., Tensor] | None = None
-    """(sae, relu(pre_BF)) -> sorted flat indices (row·F + col) of the kept entries: enables the sparse
-    training path (sparse.py), which must select exactly what `activation` keeps."""
+    """(sae, pre_BF) -> sorted flat indices (row·F + col) of the kept entries: enables the sparse training
+    path (sparse.py); after ReLU it must keep exactly what `activation` keeps."""
     extra_params: Callable[..., dict[str, Tensor]] | None = None
     """cfg -> {name: initial tensor}: extra parameters the SAE registers."""
     threshold: Callable[..., Tensor] | None = None

@@ -221,7 +221,8 @@ class SAE(nn.Module):
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         with torch.no_grad():
             pre_BF = self.pre_activations(xn_BD)
-            sel = Selection(self.arch.select(self, pre_BF.relu()), pre_BF.shape)
+            # selecting on pre rather than relu(pre) keeps the same positives (the rest are zeroed below)
+            sel = Selection(self.arch.select(self, pre_BF), pre_BF.shape)
         vals_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu()
         xhat_n_BD = sparse_decode(vals_N, self.W_dec, sel) + self.b_dec
         self.record_batch(x_BD.shape[0], sel.rows, sel.cols, vals_N.detach())

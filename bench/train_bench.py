@@ -1,0 +1,150 @@
+"""Training-step throughput, ours vs SAELens, at the BatchTopK paper's GPT-2 shape; one JSON line each.
+
+Same invocation, same machine, same shapes (default d=768, 12288 latents, batch 4096, k=32), same kind of
+data: for every architecture, our step (forward, backward, decoder constraint, Adam) and, for those SAELens
+has, its TrainingSAE step (training_forward_pass, backward, Adam), run in a separate virtualenv so SAELens
+never enters the project's. Also the encoder GEMM alone (2·B·d·F FLOPs, the only dense work a TopK-family
+step needs), which bounds the TopK family's tokens/s on this machine.
+
+    .venv/bin/python bench/train_bench.py [--archs batchtopk,topk] [--steps 3] [--venv /tmp/sae-lens-venv]
+    .venv/bin/python bench/train_bench.py --device cuda --dtype bfloat16 --d 2304 --latents 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SAELENS_ARCHS = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
+
+# Runs inside the SAELens virtualenv: prints tokens/s of its training step for one architecture.
+SAELENS_STEP = r"""
+import json, sys, time, torch
+from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, \
+    BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.sae import TrainStepInput
+arch, d, F, B, k, steps, device = json.loads(sys.argv[1])
+torch.manual_seed(0)
+kinds = {"standard": (StandardTrainingSAE, StandardTrainingSAEConfig, {}),
+         "topk": (TopKTrainingSAE, TopKTrainingSAEConfig, {"k": k}),
+         "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, {"k": k}),
+         "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, {})}
+cls, cfg_cls, extra = kinds[arch]
+sae = cls(cfg_cls(d_in=d, d_sae=F, device=device, **extra))
+opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
+coefficients = {name: getattr(c, "value", c) for name, c in sae.get_coefficients().items()}
+x = torch.randn(B, d, device=device) * 3 + 1
+dead = torch.zeros(F, dtype=torch.bool, device=device)
+def step(i):
+    opt.zero_grad()
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=dead,
+                                                   n_training_steps=i, is_logging_step=False))
+    out.loss.backward()
+    opt.step()
+step(0)
+if device.startswith("cuda"): torch.cuda.synchronize()
+t0 = time.perf_counter()
+for i in range(steps): step(i + 1)
+if device.startswith("cuda"): torch.cuda.synchronize()
+print(json.dumps({"tokens_per_s": steps * B / (time.perf_counter() - t0)}))
+"""
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def ours(arch: str, d: int, F: int, B: int, k: int, steps: int, device: str, dtype: str, sparse: bool) -> float:
+    from sae_common.sae import SAE, SAEConfig
+    from train.trainer import Member
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=d, d_sae=F, arch=arch, k=k)).to(device)
+    sae.sparse_training = sparse
+    x = torch.randn(B, d, device=device) * 3 + 1
+    sae.set_input_scale(x) if sae.cfg.input_norm == "scalar" else None
+    member = Member(arch, sae, torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99), fused=True),
+                    autocast=torch.bfloat16 if dtype == "bfloat16" else None)
+    sae.train()
+    member.step(x)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        member.step(x)
+    sync(device)
+    return steps * B / (time.perf_counter() - t0)
+
+
+def encoder_gemm_bound(d: int, F: int, B: int, steps: int, device: str, dtype: str) -> float:
+    """Tokens/s of x @ W_enc alone: what a TopK-family step could reach if nothing else cost anything."""
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    x, W = torch.randn(B, d, device=device, dtype=dt), torch.randn(d, F, device=device, dtype=dt)
+    x @ W
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x @ W
+    sync(device)
+    return steps * B / (time.perf_counter() - t0)
+
+
+def saelens(venv: Path, arch: str, d: int, F: int, B: int, k: int, steps: int, device: str) -> float | None:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}"],
+                       check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "sae-lens",
+                        f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    done = subprocess.run([str(python), "-c", SAELENS_STEP, json.dumps([SAELENS_ARCHS[arch], d, F, B, k, steps,
+                                                                        device])], capture_output=True, text=True)
+    if done.returncode:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default="batchtopk,topk,relu,jumprelu,feature_choice,mutual_choice")
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--latents", type=int, default=12288)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "sae-lens-venv")
+    ap.add_argument("--no-saelens", action="store_true")
+    args = ap.parse_args()
+    shape = dict(d=args.d, F=args.latents, B=args.batch, k=args.k, steps=args.steps, device=args.device)
+    bound = encoder_gemm_bound(args.d, args.latents, args.batch, args.steps, args.device, args.dtype)
+    flops = 2 * args.batch * args.d * args.latents
+    print(json.dumps({"bench": "encoder_gemm", **shape, "dtype": args.dtype, "tokens_per_s": round(bound),
+                      "tflops": round(flops * bound / args.batch / 1e12, 3)}), flush=True)
+    for arch in args.archs.split(","):
+        fast = ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, True)
+        row = {"bench": "train_step", "arch": arch, **shape, "dtype": args.dtype, "ours_tokens_per_s": round(fast),
+               "fraction_of_encoder_gemm_bound": round(fast / bound, 3)}
+        from sae_common.architectures import ARCHS
+
+        if ARCHS[arch].select is not None:  # the same step on the dense reference path, for the sparse speed-up
+            row["ours_dense_path_tokens_per_s"] = round(
+                ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, False))
+        if arch in SAELENS_ARCHS and not args.no_saelens:
+            theirs = saelens(args.venv, arch, args.d, args.latents, args.batch, args.k, args.steps, args.device)
+            if theirs:
+                row.update(sae_lens_tokens_per_s=round(theirs), ratio_vs_sae_lens=round(fast / theirs, 2))
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
