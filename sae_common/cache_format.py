@@ -48,10 +48,7 @@ def itemsize(dtype: str) -> int:
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     """A float tensor -> the numpy array stored for the logical `dtype` (bf16 -> its uint16 bits)."""
-    x = x.detach().to("cpu", TORCH_DTYPE[dtype]).contiguous()
-    if dtype == "bfloat16":
-        return x.view(torch.int16).numpy().view(np.uint16)
-    return x.numpy()
+    return storage_view(x.detach().to("cpu", TORCH_DTYPE[dtype]).contiguous(), dtype)
 
 
 def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
@@ -60,6 +57,13 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return t.view(torch.bfloat16)
     return t
+
+
+def storage_view(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A numpy view (no copy) of a tensor of the logical `dtype` as the stored array type (bf16 -> uint16 bits)."""
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 def compressors(compression: str, dtype: str) -> list | None:

@@ -7,7 +7,8 @@ a batch may straddle windows and epochs. The stream is a pure function of (seed,
 size): a checkpoint only needs the batch index to resume (`start_batch`), and resuming decodes nothing before
 the window that holds the first row wanted.
 
-Chunks are decoded by a thread pool (Blosc releases the GIL) one window ahead of the window being served;
+Chunks are decoded by a thread pool (Blosc releases the GIL) one window ahead of the window being served,
+straight from the shard files into the window's buffer (sae_common/chunk_reader.py);
 one more thread gathers batches and keeps `prefetch` of them ready, so decoding overlaps the training step.
 """
 
@@ -23,7 +24,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from sae_common.cache_format import TORCH_DTYPE, Cache, CacheError, from_storage, holdout_start
+from sae_common.cache_format import TORCH_DTYPE, Cache, CacheError, holdout_start, storage_view
+from sae_common.chunk_reader import ChunkReader
 
 
 # -- the stream: pure functions of the seed and the geometry ---------------------------------------------
@@ -74,6 +76,7 @@ class ActivationLoader:
         if batch_size < 1 or workers < 1 or prefetch < 1:
             raise ValueError(f"batch_size ({batch_size}), workers ({workers}) and prefetch ({prefetch}) must be >= 1")
         self.array, self.path, self.cache_dtype = cache.acts(hook), cache.path, cache.dtype
+        self.reader = ChunkReader(self.array)
         self.rows, self.d_model = rows, cache.d_model
         self.rows_per_chunk = cache.meta["layout"]["rows_per_chunk"]
         self.spans_U2 = chunk_spans(rows, self.rows_per_chunk)
@@ -147,13 +150,16 @@ class ActivationLoader:
         try:
             epoch, window, offset = self.locate(self.start_batch * self.batch_size)
             B, wanted = self.batch_size, len(self) * self.batch_size  # rows still to hand out
-            pending = self._submit(pool, epoch, window)
-            x_BD, filled = None, 0
+            # Two window buffers take turns (one served, one being decoded into): a fresh buffer per window
+            # would cost the kernel a page fault per 4 KiB, which halved the decode rate (bench/loader_bench.py).
+            buffers = [torch.empty(0), torch.empty(0)]
+            pending = self._submit(pool, epoch, window, buffers, 0)
+            x_BD, filled, turn = None, 0, 1
             while wanted and not stop.is_set():
                 window_RD, order_R = self._collect(pending)
                 if len(window_RD) - offset < wanted:  # decode the next window while this one is served
                     epoch, window = (epoch, window + 1) if window + 1 < len(self.windows(epoch)) else (epoch + 1, 0)
-                    pending = self._submit(pool, epoch, window)
+                    pending, turn = self._submit(pool, epoch, window, buffers, turn), 1 - turn
                 while offset < len(window_RD) and wanted:
                     if x_BD is None:
                         x_BD = torch.empty((B, self.d_model), dtype=window_RD.dtype, pin_memory=self.device.type == "cuda")
@@ -168,11 +174,14 @@ class ActivationLoader:
         except BaseException as e:  # surfaces in the consumer, with the chunk named by `_read_chunk`
             _put(batches, e, stop)
 
-    def _submit(self, pool: ThreadPoolExecutor, epoch: int, window: int) -> tuple:
-        """Start decoding a window's chunks into one buffer, laid out in the window's chunk order."""
+    def _submit(self, pool: ThreadPoolExecutor, epoch: int, window: int, buffers: list[torch.Tensor], turn: int) -> tuple:
+        """Start decoding a window's chunks into `buffers[turn]` (grown if short), in the window's chunk order."""
         spans_W2 = self.spans_U2[self.windows(epoch)[window]]
         lengths = spans_W2[:, 1] - spans_W2[:, 0]
-        window_RD = torch.empty((int(lengths.sum()), self.d_model), dtype=TORCH_DTYPE[self.cache_dtype])
+        n_rows = int(lengths.sum())
+        if len(buffers[turn]) < n_rows:
+            buffers[turn] = torch.empty((n_rows, self.d_model), dtype=TORCH_DTYPE[self.cache_dtype])
+        window_RD = buffers[turn][:n_rows]
         at = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         futures = [pool.submit(self._read_chunk, window_RD, int(a), int(s), int(e)) for a, (s, e) in zip(at, spans_W2)]
         return epoch, window, window_RD, futures
@@ -185,7 +194,7 @@ class ActivationLoader:
 
     def _read_chunk(self, window_RD: torch.Tensor, at: int, start: int, stop: int) -> None:
         try:
-            window_RD[at:at + stop - start] = from_storage(self.array[start:stop], self.cache_dtype)
+            self.reader.read(start, stop, storage_view(window_RD[at:at + stop - start], self.cache_dtype))
         except Exception as e:
             raise CacheError(f"could not read rows {start}:{stop} (chunk {start // self.rows_per_chunk}) of "
                              f"{self.array.path} in the cache {self.path}: {type(e).__name__}: {e}") from e
