@@ -24,11 +24,10 @@ from evaluate.sources import (EvalError, Target, activation_mean, check_fit, fin
                               output_dir)
 from evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
 from sae_common.console import make_console
-from sae_common.cache_format import Cache
+from sae_common.cache_format import DEFAULT_ROOT, Cache
 from sae_common.config import EvalConfig
 from sae_common.model import hook_layer, resolve_device
 
-DEFAULT_ROOT = Path("cache")
 
 
 @dataclass

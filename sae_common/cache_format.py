@@ -22,6 +22,7 @@ from zarr.codecs import BloscCodec
 from sae_common.errors import UserError
 
 FORMAT_VERSION = 1
+DEFAULT_ROOT = Path("cache")  # where caches and runs go when the command line names no path
 ATTRS_KEY = "sae_cache"
 TOKENS = "tokens"
 DTYPES = ("bfloat16", "float16", "float32")

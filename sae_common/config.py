@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -93,17 +95,19 @@ class HarvestConfig:
 
 
 def field_doc(cls: type, name: str) -> str:
-    """The docstring under a dataclass field (for --help), read from the source once."""
+    """The docstring under a dataclass field (for --help), read from the source once per class."""
+    return _field_docs(cls).get(name, "")
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                return " ".join(nxt.value.value.split())
-    return ""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: " ".join(nxt.value.value.split()) for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
 
 
 def default(cls: type, name: str) -> Any:

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from sae_common.console import make_console
-from sae_common.cache_format import Cache, CacheError, find_caches, holdout_start, open_cache, verify
+from sae_common.cache_format import DEFAULT_ROOT, Cache, CacheError, find_caches, holdout_start, open_cache, verify
 from sae_common.config import TrainConfig
 from sae_common.errors import UserError
 from sae_common.model import resolve_device
@@ -23,7 +23,6 @@ from train.loader import ActivationLoader
 from train.sweep import SweepEntry, expand
 from train.trainer import Member, train_loop
 
-DEFAULT_ROOT = Path("cache")
 
 
 def pick_cache(cfg: TrainConfig, console: Console, root: Path = DEFAULT_ROOT) -> Cache:
