@@ -16,11 +16,13 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from saelens_env import DEFAULT_VENV, saelens_python  # noqa: E402
 
 SAELENS_ARCHS = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
 
@@ -97,13 +99,9 @@ def encoder_gemm_bound(d: int, F: int, B: int, steps: int, device: str, dtype: s
 
 
 def saelens(venv: Path, arch: str, d: int, F: int, B: int, k: int, steps: int, device: str) -> float | None:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}"],
-                       check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "sae-lens",
-                        f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    python = saelens_python(venv)
+    if python is None:
+        return None
     done = subprocess.run([str(python), "-c", SAELENS_STEP, json.dumps([SAELENS_ARCHS[arch], d, F, B, k, steps,
                                                                         device])], capture_output=True, text=True)
     if done.returncode:
@@ -122,7 +120,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "sae-lens-venv")
+    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--no-saelens", action="store_true")
     args = ap.parse_args()
     shape = dict(d=args.d, F=args.latents, B=args.batch, k=args.k, steps=args.steps, device=args.device)
