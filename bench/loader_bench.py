@@ -1,11 +1,12 @@
 """The data path: decode throughput of the loader, and whether it slows a training step. JSON lines.
 
-1. GB/s of bf16 rows the loader hands out from a compressed cache (whole chunks, background decode, windowed
-   shuffle), against the same rows in the same order gathered from an uncompressed memory map of the same file
-   size (the baseline every uncompressed cache pays: no decoding, just page-cache reads and the shuffle).
+1. GB/s of bf16 rows the loader hands out (whole chunks, background decode, windowed shuffle) from caches of
+   the same rows written with each compression: zstd (the default), lz4 (faster to decode, larger) and none
+   (the loader's own ceiling: nothing to decode). The baseline: the same rows in the same order gathered from
+   an uncompressed memory map (what every uncompressed cache pays: page-cache reads and the shuffle).
 2. A BatchTopK training step (the paper's GPT-2 shape) fed by the loader vs by a batch already in memory.
 
-    .venv/bin/python bench/loader_bench.py [--mb 256] [--d 768] [--workers 2]
+    .venv/bin/python bench/loader_bench.py [--mb 512] [--epochs 3] [--d 768] [--workers 2]
 
 The cache holds synthetic rows (random normal, bf16; Blosc zstd-1 compresses them about as much as real
 activations, ~1.45x).
@@ -30,30 +31,31 @@ from tests.cache_utils import write_cache  # noqa: E402
 from train.loader import ActivationLoader, epoch_windows, window_order  # noqa: E402
 
 
-def loader_gbps(cache, hook: str, batch: int, workers: int) -> tuple[float, int]:
-    n_batches = cache.n_tokens // batch
+def loader_gbps(cache, hook: str, batch: int, workers: int, epochs: int) -> float:
+    n_batches = epochs * cache.n_tokens // batch
     loader = ActivationLoader(cache, hook, batch_size=batch, n_batches=n_batches, rows=(0, cache.n_tokens),
                               dtype=torch.bfloat16, workers=workers)
     t0 = time.perf_counter()
     for _ in loader:
         pass
-    seconds = time.perf_counter() - t0
-    return n_batches * batch * cache.d_model * 2 / seconds / 1e9, n_batches
+    return n_batches * batch * cache.d_model * 2 / (time.perf_counter() - t0) / 1e9
 
 
-def memmap_gbps(path: Path, rows: int, d: int, rows_per_chunk: int, batch: int, shuffle_tokens: int) -> float:
+def memmap_gbps(path: Path, rows: int, d: int, rows_per_chunk: int, batch: int, shuffle_tokens: int,
+                epochs: int) -> float:
     """The same stream (chunk order, windows, row permutations) gathered from an uncompressed memory map."""
     mm = np.memmap(path, dtype=np.uint16, mode="r", shape=(rows, d))
     n_chunks = -(-rows // rows_per_chunk)
     t0 = time.perf_counter()
     handed = 0
-    for w, chunks in enumerate(epoch_windows(0, 0, n_chunks, max(1, round(shuffle_tokens / rows_per_chunk)))):
-        window = np.concatenate([mm[c * rows_per_chunk:(c + 1) * rows_per_chunk] for c in chunks])
-        order = torch.from_numpy(window_order(0, 0, w, len(window)))
-        t = torch.from_numpy(window).view(torch.bfloat16)
-        for i in range(0, len(order) - batch + 1, batch):
-            t.index_select(0, order[i:i + batch])
-            handed += batch
+    for epoch in range(epochs):
+        for w, chunks in enumerate(epoch_windows(0, epoch, n_chunks, max(1, round(shuffle_tokens / rows_per_chunk)))):
+            window = np.concatenate([mm[c * rows_per_chunk:(c + 1) * rows_per_chunk] for c in chunks])
+            order = torch.from_numpy(window_order(0, epoch, w, len(window)))
+            t = torch.from_numpy(window).view(torch.bfloat16)
+            for i in range(0, len(order) - batch + 1, batch):
+                t.index_select(0, order[i:i + batch])
+                handed += batch
     return handed * d * 2 / (time.perf_counter() - t0) / 1e9
 
 
@@ -68,7 +70,9 @@ def step_time(batches, sae_step, n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=int, default=256, help="raw bf16 size of the benchmark cache")
+    ap.add_argument("--mb", type=int, default=512, help="raw bf16 size of the benchmark cache")
+    ap.add_argument("--epochs", type=int, default=3, help="passes over it: the rate a long run sees, the first "
+                    "window (decoded before anything is served, into fresh memory) amortised as in training")
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--latents", type=int, default=12288)
     ap.add_argument("--batch", type=int, default=4096)
@@ -79,17 +83,21 @@ def main() -> None:
     try:
         rows = (args.mb << 20) // (2 * args.d) // 128 * 128
         x = torch.randn(rows, args.d).to(torch.bfloat16)
-        cache = open_cache(write_cache(work / "c.zarr", x, context_size=128, dtype="bfloat16"))
-        hook = cache.hooks[0]
         raw = work / "raw.u16"
         x.view(torch.int16).numpy().tofile(raw)
+        caches = {c: open_cache(write_cache(work / f"{c}.zarr", x, context_size=128, dtype="bfloat16", compression=c))
+                  for c in ("zstd", "lz4", "none")}
         del x
-        gbps, _ = loader_gbps(cache, hook, args.batch, args.workers)
-        base = memmap_gbps(raw, rows, args.d, cache.meta["layout"]["rows_per_chunk"], args.batch, 131072)
-        print(json.dumps({"bench": "loader_decode", "rows": rows, "d": args.d, "workers": args.workers,
-                          "disk_mb": round(cache.disk_bytes() / 1e6), "raw_mb": round(rows * args.d * 2 / 1e6),
-                          "loader_gb_per_s": round(gbps, 3), "memmap_gb_per_s": round(base, 3),
-                          "ratio_vs_memmap": round(gbps / base, 3)}), flush=True)
+        cache = caches["zstd"]
+        hook = cache.hooks[0]
+        base = memmap_gbps(raw, rows, args.d, cache.meta["layout"]["rows_per_chunk"], args.batch, 131072, args.epochs)
+        for compression, c in caches.items():  # "none": the loader's own ceiling, with no decoding to do
+            gbps = loader_gbps(c, hook, args.batch, args.workers, args.epochs)
+            print(json.dumps({"bench": "loader_decode", "compression": compression, "rows": rows, "d": args.d,
+                              "epochs": args.epochs, "workers": args.workers, "disk_mb": round(c.disk_bytes() / 1e6),
+                              "raw_mb": round(rows * args.d * 2 / 1e6), "loader_gb_per_s": round(gbps, 3),
+                              "memmap_gb_per_s": round(base, 3), "ratio_vs_memmap": round(gbps / base, 3)}),
+                  flush=True)
 
         from sae_common.sae import SAE, SAEConfig
         from train.trainer import Member

@@ -18,6 +18,7 @@ CRC32C); any other array is read through zarr, so the result is always what `arr
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import google_crc32c  # zarr's own CRC32C implementation (it checks shard indexes with it)
@@ -41,6 +42,7 @@ class ChunkReader:
         self.rows_per_chunk = array.chunks[0]
         self.root, self.compressed = self._direct_layout(array)
         self._index: dict[int, np.ndarray] = {}  # shard -> (chunks per shard, 2) offsets and sizes
+        self._local = threading.local()  # per-thread scratch buffers
 
     @property
     def direct(self) -> bool:
@@ -77,22 +79,32 @@ class ChunkReader:
         chunks_per_shard = self.array.shards[0] // self.rows_per_chunk
         shard, inner = divmod(chunk, chunks_per_shard)
         path = shard_file(self.root, self.array, shard)
+        whole = first == 0 and stop - start == self.rows_per_chunk
+        target = out if whole else self._scratch("chunk", self.rows_per_chunk * out.strides[0]).view(out.dtype).reshape(
+            self.rows_per_chunk, -1)
         with open(path, "rb") as f:
             offset, nbytes = (int(v) for v in self._shard_index(shard, f, chunks_per_shard)[inner])
             if offset == EMPTY:
                 raise ValueError(f"chunk {chunk} (rows {start}:{stop}) was never written to {path}")
             f.seek(offset)
-            encoded = f.read(nbytes)
-        if len(encoded) != nbytes:
-            raise ValueError(f"{path} ends inside chunk {chunk}: {len(encoded)} of its {nbytes} bytes")
-        whole = first == 0 and stop - start == self.rows_per_chunk
-        target = out if whole else np.empty((self.rows_per_chunk, self.array.shape[1]), self.array.dtype)
+            # Reading into reused memory: a fresh multi-MB buffer per chunk costs a page fault per 4 KiB.
+            encoded = self._scratch("encoded", nbytes)[:nbytes] if self.compressed else target.reshape(-1).view(np.uint8)
+            got = f.readinto(encoded)
+        if got != nbytes or encoded.nbytes != nbytes:
+            raise ValueError(f"{path} ends inside chunk {chunk}: {got} of its {nbytes} bytes (a chunk of "
+                             f"{target.nbytes} bytes)")
         if self.compressed:
             Blosc().decode(encoded, out=target)  # Blosc frames describe themselves; the decoder needs no settings
-        else:
-            target.reshape(-1).view(np.uint8)[...] = np.frombuffer(encoded, np.uint8)
         if not whole:
             out[...] = target[first:first + stop - start]
+
+    def _scratch(self, name: str, nbytes: int) -> np.ndarray:
+        """A byte buffer of at least `nbytes` owned by the calling thread, reused across its reads."""
+        buf = getattr(self._local, name, None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(nbytes, np.uint8)
+            setattr(self._local, name, buf)
+        return buf
 
     def _shard_index(self, shard: int, f, chunks_per_shard: int) -> np.ndarray:
         index = self._index.get(shard)  # threads may both fill an entry; they write the same value
