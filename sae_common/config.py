@@ -156,7 +156,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
     dtype: str = "float32"
-    """Compute dtype: float32, or bfloat16 (autocast matmuls; float32 master weights, Adam state and losses)."""
+    """Compute dtype: float32, or bfloat16 (autocast matmuls; float32 master weights, Adam state and losses). bfloat16
+    is for GPUs: on a CPU without bf16 matmul units it ran 230x slower (bench/train_bench.py --dtype bfloat16)."""
     shuffle_tokens: int = 131072
     """Rows in the loader's shuffle window."""
 

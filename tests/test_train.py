@@ -150,7 +150,9 @@ def test_nan_in_a_batch_stops_naming_the_rows_and_keeps_the_checkpoint(tmp_path)
 
 def test_bfloat16_autocast_trains_like_float32(cache, tmp_path):
     for dtype in ("float32", "bfloat16"):
-        assert train_cli(cache, tmp_path / dtype, "--arch", "batchtopk", "--k", 4, "--dtype", dtype).exit_code == 0
+        result = train_cli(cache, tmp_path / dtype, "--arch", "batchtopk", "--k", 4, "--dtype", dtype, "--device", "cpu")
+        assert result.exit_code == 0
+        assert ("bf16 matmuls ran 230x slower" in " ".join(result.output.split())) == (dtype == "bfloat16")
     final = {d: json.loads((tmp_path / d / "batchtopk-k4-64" / "history.jsonl").read_text().splitlines()[-1])
              for d in ("float32", "bfloat16")}
     sae = load_sae(tmp_path / "bfloat16" / "batchtopk-k4-64")

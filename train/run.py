@@ -101,6 +101,9 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
         raise UserError(f"{cfg.tokens or rows[1]:,} training tokens make no batch of {cfg.batch_size:,}; "
                         "ask for more --tokens or a smaller --batch-size")
     device = resolve_device(cfg.device)
+    if cfg.dtype == "bfloat16" and device == "cpu":
+        console.print("[yellow]--dtype bfloat16 on the CPU: bf16 matmuls ran 230x slower than float32 on a CPU "
+                      "without bf16 units (bench/train_bench.py); float32 is the CPU's fast path[/]")
     members = build_members(entries, device, cfg.seed, cfg.dtype)
     for m in members:
         (run_dir / m.name).mkdir(parents=True, exist_ok=True)
