@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_common.cache_format import DEFAULT_ROOT
 from sae_common.errors import UserError
 from sae_common.sae import SAE, SAEConfig
 
@@ -109,7 +110,7 @@ def load_record(directory: str | Path) -> dict:
     return json.loads((Path(directory) / RECORD_FILE).read_text())
 
 
-def find_runs(root: str | Path = "cache") -> list[Path]:
+def find_runs(root: str | Path = DEFAULT_ROOT) -> list[Path]:
     """Training run directories under `root`/runs (each with a run.json), newest first."""
     runs = [p.parent for p in (Path(root) / "runs").glob(f"*/{RUN_FILE}")]
     return sorted(runs, key=lambda p: (p / RUN_FILE).stat().st_mtime, reverse=True)
