@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from sae_common.background import background
 from sae_common.console import make_console
 from sae_common.model import LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
 from harvest.text import Position, open_documents, pack_contexts, separator_id
@@ -111,7 +112,9 @@ def _write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], wri
                   console: Console) -> None:
     position = Position(**writer.meta["dataset"]["position"])
     docs = open_documents(cfg.dataset, cfg.split, cfg.text_column, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
-    contexts = pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position)
+    # Tokenizing runs a few batches ahead in its own thread (the tokenizer releases the GIL while it encodes).
+    contexts = background(pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position),
+                          depth=4 * cfg.batch_size, name="harvest-tokenize")
     rows_s = writer.meta["layout"]["rows_per_shard"]
     raw_row_bytes = len(hooks) * writer.meta["d_model"] * itemsize(cfg.dtype) + 4
     pending: Future | None = None
