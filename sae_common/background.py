@@ -15,6 +15,17 @@ class _Raised:
         self.error = error
 
 
+def put_unless_stopped(ready: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Queue `item` unless `stop` is set while waiting for room (the consumer has gone); whether it was queued."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
 def background(items: Iterable[T], depth: int, name: str = "background") -> Iterator[T]:
     """Yield `items` in order, produced by a daemon thread that stays up to `depth` items ahead.
 
@@ -24,23 +35,14 @@ def background(items: Iterable[T], depth: int, name: str = "background") -> Iter
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
     def produce() -> None:
         try:
             for item in items:
-                if not put(item):
+                if not put_unless_stopped(ready, item, stop):
                     return
-            put(_END)
+            put_unless_stopped(ready, _END, stop)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(_Raised(e))
+            put_unless_stopped(ready, _Raised(e), stop)
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from sae_common.background import put_unless_stopped
 from sae_common.cache_format import TORCH_DTYPE, Cache, CacheError, holdout_start, storage_view
 from sae_common.chunk_reader import ChunkReader
 
@@ -167,12 +168,12 @@ class ActivationLoader:
                     torch.index_select(window_RD, 0, order_R[offset:offset + take], out=x_BD[filled:filled + take])
                     offset, filled, wanted = offset + take, filled + take, wanted - take
                     if filled == B:
-                        if not _put(batches, x_BD, stop):
+                        if not put_unless_stopped(batches, x_BD, stop):
                             return
                         x_BD, filled = None, 0
                 offset = 0
         except BaseException as e:  # surfaces in the consumer, with the chunk named by `_read_chunk`
-            _put(batches, e, stop)
+            put_unless_stopped(batches, e, stop)
 
     def _submit(self, pool: ThreadPoolExecutor, epoch: int, window: int, buffers: list[torch.Tensor], turn: int) -> tuple:
         """Start decoding a window's chunks into `buffers[turn]` (grown if short), in the window's chunk order."""
@@ -199,13 +200,3 @@ class ActivationLoader:
             raise CacheError(f"could not read rows {start}:{stop} (chunk {start // self.rows_per_chunk}) of "
                              f"{self.array.path} in the cache {self.path}: {type(e).__name__}: {e}") from e
 
-
-def _put(batches: queue.Queue, item: object, stop: threading.Event) -> bool:
-    """Queue `item` unless the consumer has gone; returns whether it was queued."""
-    while not stop.is_set():
-        try:
-            batches.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            pass
-    return False
