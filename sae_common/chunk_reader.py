@@ -2,8 +2,8 @@
 
 zarr-python sends every read through its asyncio event loop, builds the shard index, decodes into a fresh
 buffer and copies that into the result. For the loader's 4 MB bf16 chunks this ran at 0.36-0.5 GB/s on two
-cores, whatever the number of reading threads, while the same Blosc decode called directly runs at ~1.2 GB/s
-per core and scales with threads (bench/loader_bench.py measures both). The bytes on disk follow the Zarr v3
+cores, whatever the number of reading threads, while the same Blosc decode called directly ran at ~1.2 GB/s
+on one core and 1.6-1.7 GB/s on two (the loader's rate is in bench/loader_bench.py). The bytes on disk follow the Zarr v3
 sharding codec (https://zarr-specs.readthedocs.io/en/latest/v3/codecs/sharding-indexed/): each shard file
 ends with its index, an (offset, nbytes) pair of little-endian uint64 per inner chunk in C order followed by
 the CRC32C of those pairs, and each inner chunk is the chunk's bytes through the array's bytes-to-bytes codecs.
