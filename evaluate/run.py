@@ -23,11 +23,10 @@ from evaluate.sources import (EvalError, Target, activation_mean, check_fit, fin
                               heldout_tokens, keep_positions, load_eval_model, load_targets, open_target_cache,
                               output_dir)
 from evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
-from sae_common.console import make_console
 from sae_common.cache_format import DEFAULT_ROOT, Cache
 from sae_common.config import EvalConfig
+from sae_common.console import make_console
 from sae_common.model import hook_layer, resolve_device
-
 
 
 @dataclass

@@ -60,12 +60,12 @@ class CacheWriter:
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = _acquire_lock(path)
         try:
-            exists = (path / "zarr.json").exists()
-            if not exists or overwrite or open_cache(path).n_tokens == 0:
+            existing = open_cache(path).meta if (path / "zarr.json").exists() else None
+            if existing is None or overwrite or existing["n_tokens"] == 0:
                 # nothing to keep: leftovers of an interrupted creation, an empty cache, or --overwrite
                 _clear_except_lock(path)
-            if (path / "zarr.json").exists():
-                existing = open_cache(path).meta
+                existing = None
+            if existing is not None:
                 diff = {k: (existing["identity"].get(k), v) for k, v in identity.items() if existing["identity"].get(k) != v}
                 diff.update({k: (v, None) for k, v in existing["identity"].items() if k not in identity})
                 if diff:

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 
-
 class Selection:
     """The kept entries of a [B, F] matrix, sorted row-major, with the index arrays built from them once per
     step: row offsets (decoder forward and its gradients) and the column-major order (encoder gradient)."""
@@ -31,9 +30,6 @@ class Selection:
         self.cols = flat_N % F
         self.offsets = _offsets(self.rows, B)
         self._t: tuple[Tensor, Tensor, Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def by_column(self) -> tuple[Tensor, Tensor, Tensor]:
         """(order, rows in column-major order, column offsets): the transpose, computed once."""

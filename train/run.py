@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from sae_common.console import make_console
 from sae_common.cache_format import DEFAULT_ROOT, Cache, CacheError, find_caches, holdout_start, open_cache, verify
 from sae_common.config import TrainConfig
+from sae_common.console import make_console
 from sae_common.errors import UserError
 from sae_common.model import resolve_device
 from sae_common.sae import SAE
@@ -22,7 +22,6 @@ from train.checkpoint import load_checkpoint, read_state, save_checkpoint, write
 from train.loader import ActivationLoader
 from train.sweep import SweepEntry, expand
 from train.trainer import Member, train_loop
-
 
 
 def pick_cache(cfg: TrainConfig, console: Console, root: Path = DEFAULT_ROOT) -> Cache:
