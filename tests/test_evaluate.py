@@ -202,8 +202,8 @@ def test_no_argument_evaluates_the_newest_run_on_held_out_rows_only(evaluated_ru
     assert reports["topk-k4-64"]["l0_histogram"] == [0, 0, 0, 0, 496]  # top-k: exactly k latents per token
     summary = json.loads((run / "eval_summary.json").read_text())
     assert [s["sae"] for s in summary["saes"]] == sorted(reports, key=lambda n: reports[n]["metrics"]["l0"])
-    lines = [line for line in output.splitlines() if "-64" in line]
-    assert [line.split()[1] for line in lines] == [s["sae"] for s in summary["saes"]]  # table sorted by L0
+    rows = [line.split()[1] for line in output.splitlines() if line.startswith("│")]  # the table's body rows
+    assert rows == [s["sae"] for s in summary["saes"]]  # table sorted by L0
 
 
 def test_three_saes_in_one_run_equal_three_separate_runs(evaluated_run, tmp_path):
