@@ -6,6 +6,10 @@ has, its TrainingSAE step (training_forward_pass, backward, Adam), run in a sepa
 never enters the project's. Also the encoder GEMM alone (2·B·d·F FLOPs, the only dense work a TopK-family
 step needs), which bounds the TopK family's tokens/s on this machine.
 
+Our steps run with the allocator setting `sae` makes when it starts (sae_common/allocator.py; --allocator
+default leaves glibc as it is). SAELens runs both ways: as its users run it, and with the same setting (through
+glibc's environment variables), so the ratio it gets from the allocator alone is visible.
+
     .venv/bin/python bench/train_bench.py [--archs batchtopk,topk] [--steps 3] [--venv /tmp/sae-lens-venv]
     .venv/bin/python bench/train_bench.py --device cuda --dtype bfloat16 --d 2304 --latents 16384
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saelens_env import DEFAULT_VENV, saelens_python  # noqa: E402
+
+from sae_common.allocator import LIMIT, retain_freed_memory  # noqa: E402
+
+SAME_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(LIMIT), "MALLOC_TRIM_THRESHOLD_": str(LIMIT)}  # what mallopt sets
 
 SAELENS_ARCHS = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
 
@@ -98,12 +108,14 @@ def encoder_gemm_bound(d: int, F: int, B: int, steps: int, device: str, dtype: s
     return steps * B / (time.perf_counter() - t0)
 
 
-def saelens(venv: Path, arch: str, d: int, F: int, B: int, k: int, steps: int, device: str) -> float | None:
+def saelens(venv: Path, arch: str, d: int, F: int, B: int, k: int, steps: int, device: str,
+            env: dict[str, str] | None = None) -> float | None:
     python = saelens_python(venv)
     if python is None:
         return None
     done = subprocess.run([str(python), "-c", SAELENS_STEP, json.dumps([SAELENS_ARCHS[arch], d, F, B, k, steps,
-                                                                        device])], capture_output=True, text=True)
+                                                                        device])], capture_output=True, text=True,
+                          env=None if env is None else os.environ | env)
     if done.returncode:
         print(done.stderr[-2000:], file=sys.stderr)
         return None
@@ -122,7 +134,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--no-saelens", action="store_true")
+    ap.add_argument("--allocator", default="retain", choices=["retain", "default"],
+                    help="retain: keep freed memory, as `sae` does (the default); default: glibc's own behaviour")
     args = ap.parse_args()
+    retained = args.allocator == "retain" and retain_freed_memory()
     shape = dict(d=args.d, F=args.latents, B=args.batch, k=args.k, steps=args.steps, device=args.device)
     bound = encoder_gemm_bound(args.d, args.latents, args.batch, args.steps, args.device, args.dtype)
     flops = 2 * args.batch * args.d * args.latents
@@ -130,7 +145,8 @@ def main() -> None:
                       "tflops": round(flops * bound / args.batch / 1e12, 3)}), flush=True)
     for arch in args.archs.split(","):
         fast = ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, True)
-        row = {"bench": "train_step", "arch": arch, **shape, "dtype": args.dtype, "ours_tokens_per_s": round(fast),
+        row = {"bench": "train_step", "arch": arch, **shape, "dtype": args.dtype, "freed_memory_retained": retained,
+               "ours_tokens_per_s": round(fast),
                "fraction_of_encoder_gemm_bound": round(fast / bound, 3)}
         from sae_common.architectures import ARCHS
 
@@ -141,6 +157,12 @@ def main() -> None:
             theirs = saelens(args.venv, arch, args.d, args.latents, args.batch, args.k, args.steps, args.device)
             if theirs:
                 row.update(sae_lens_tokens_per_s=round(theirs), ratio_vs_sae_lens=round(fast / theirs, 2))
+            if theirs and retained:
+                same = saelens(args.venv, arch, args.d, args.latents, args.batch, args.k, args.steps, args.device,
+                               SAME_ALLOCATOR)
+                if same:
+                    row.update(sae_lens_same_allocator_tokens_per_s=round(same),
+                               ratio_vs_sae_lens_same_allocator=round(fast / same, 2))
         print(json.dumps(row), flush=True)
 
 

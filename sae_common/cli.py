@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import click
 
+from sae_common.allocator import retain_freed_memory
 from sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
 from sae_common.errors import UserError
 
@@ -53,6 +54,7 @@ def user_errors(fn: Callable) -> Callable:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
     """Harvest language-model activations once; train and evaluate many sparse autoencoders from them."""
+    retain_freed_memory()  # every step reuses its large buffers' pages instead of faulting in fresh ones
 
 
 @main.command()
