@@ -123,6 +123,20 @@ def test_output_dtype(cache):
     assert x_BD.dtype == torch.bfloat16 and x_BD.shape == (32, D)
 
 
+def test_the_single_threaded_gather_leaves_the_callers_thread_count_alone(cache):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # even on a 1-core machine, so a process-wide change would show
+        gathered_in = []
+        loader = ActivationLoader(cache, HOOK, batch_size=32, n_batches=3)
+        produce = loader._produce
+        loader._produce = lambda *a: (produce(*a), gathered_in.append(torch.get_num_threads()))
+        assert len(list(loader)) == 3
+        assert gathered_in == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_equal_cpu_batches(cache):

@@ -148,6 +148,10 @@ class ActivationLoader:
     # -- background: decode windows, gather batches ----------------------------------------------------
 
     def _produce(self, batches: queue.Queue, stop: threading.Event, pool: ThreadPoolExecutor) -> None:
+        # This thread's gathers run single-threaded: a torch op called from a new thread gets an OpenMP team of
+        # its own, whose threads spin after each op on the cores the decoders and the training step need
+        # (loader 1.0 -> 1.5 GB/s in bench/loader_bench.py). The setting is per thread; the caller's is unchanged.
+        torch.set_num_threads(1)
         try:
             epoch, window, offset = self.locate(self.start_batch * self.batch_size)
             B, wanted = self.batch_size, len(self) * self.batch_size  # rows still to hand out
