@@ -49,6 +49,7 @@ import torch
 
 from harvest.run import harvest
 from harvest.text import open_documents, pack_contexts
+from sae_common.allocator import retain_freed_memory
 from sae_common.cache_format import Cache, itemsize, open_cache
 from sae_common.config import HarvestConfig, hook_names, parse_count
 from sae_common.model import ASSETS, LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
@@ -242,6 +243,7 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                     help="SAELens's virtualenv (built there if missing)")
     args = ap.parse_args()
+    retain_freed_memory()  # as `sae` does when it starts
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="harvest-bench-"))
     try:

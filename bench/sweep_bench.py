@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sae_common.allocator import retain_freed_memory  # noqa: E402
 from sae_common.cache_format import open_cache  # noqa: E402
 from sae_common.config import TrainConfig  # noqa: E402
 from tests.cache_utils import write_cache  # noqa: E402
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--batches", type=int, default=12)
     args = ap.parse_args()
+    retain_freed_memory()  # as `sae` does when it starts
     work = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     try:
         rows = (args.batches + 2) * args.batch * 2  # training rows beyond the held-out tail
