@@ -50,6 +50,7 @@ def test_sweep_varies_each_architecture_only_over_what_it_uses():
 def test_one_pass_trains_every_sae_and_exports_them(cache, tmp_path):
     result = train_cli(cache, tmp_path / "run", "--arch", "topk,batchtopk", "--arch", "relu", "--k", "4,8")
     assert result.exit_code == 0, result.output
+    assert f"\ndone: 5 SAE(s) in {tmp_path / 'run'}" in result.output  # on a line of its own after the table
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["complete"] and run["saes"] == ["topk-k4-64", "topk-k8-64", "batchtopk-k4-64", "batchtopk-k8-64",
                                                "relu-l1_0.01-64"]

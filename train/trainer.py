@@ -117,6 +117,8 @@ def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_
     finally:
         for f in histories.values():
             f.close()
+        if not console.is_terminal:
+            console.line()  # rich leaves a log's last table line unterminated; the next message would join it
     return done
 
 
