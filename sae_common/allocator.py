@@ -6,7 +6,8 @@ step allocates its pre-activations (B x F float32: 200 MB at the BatchTopK paper
 gradients anew each step, so the kernel zero-fills them page by page each time: on the 2-core CPU this was
 ~150,000 page faults and ~0.4 s of system time in a 0.9 s step. With freed memory kept, the same step ran in
 0.68 s with almost no faults, for ~10% more peak memory (bench/train_bench.py --allocator default|retain).
-The thresholds are process-wide, which is why the `sae` command sets them once, when it starts.
+The thresholds are process-wide, which is why the `sae` command sets them once, when it starts; code that
+calls train() or harvest() from Python gets the same by calling retain_freed_memory() first.
 """
 
 from __future__ import annotations
