@@ -30,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saelens_env import DEFAULT_VENV, saelens_python  # noqa: E402
 
-from sae_common.allocator import LIMIT, retain_freed_memory  # noqa: E402
-
-SAME_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(LIMIT), "MALLOC_TRIM_THRESHOLD_": str(LIMIT)}  # what mallopt sets
+from sae_common.allocator import AS_ENVIRONMENT, retain_freed_memory  # noqa: E402
 
 SAELENS_ARCHS = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
 
@@ -159,7 +157,7 @@ def main() -> None:
                 row.update(sae_lens_tokens_per_s=round(theirs), ratio_vs_sae_lens=round(fast / theirs, 2))
             if theirs and retained:
                 same = saelens(args.venv, arch, args.d, args.latents, args.batch, args.k, args.steps, args.device,
-                               SAME_ALLOCATOR)
+                               AS_ENVIRONMENT)
                 if same:
                     row.update(sae_lens_same_allocator_tokens_per_s=round(same),
                                ratio_vs_sae_lens_same_allocator=round(fast / same, 2))

@@ -18,7 +18,9 @@ import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 LIMIT = 2**31 - 1  # the largest value mallopt takes (an int): allocations below 2 GiB come from the heap
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+# The same setting for another process (e.g. a baseline in a benchmark), through glibc's environment variables
+AS_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(LIMIT), "MALLOC_TRIM_THRESHOLD_": str(LIMIT)}
+USER_SETTINGS = (*AS_ENVIRONMENT, "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def retain_freed_memory() -> bool:
