@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Blosc
 
-from harvest.run import harvest
-from sae_common.cache_format import TARGET_CHUNK_BYTES, open_cache
-from sae_common.config import HarvestConfig, parse_count
-from sae_common.model import ASSETS
+from sae_cache.harvest.run import harvest
+from sae_cache.sae_common.cache_format import TARGET_CHUNK_BYTES, open_cache
+from sae_cache.sae_common.config import HarvestConfig, parse_count
+from sae_cache.sae_common.model import ASSETS
 
 # (cname, clevel): the cache's choices (zstd-1, lz4-5) and the neighbours considered for them
 CODECS = [("zstd", 1), ("zstd", 3), ("lz4", 5), ("lz4", 9), ("lz4hc", 1), ("lz4hc", 5), ("blosclz", 5)]

@@ -47,12 +47,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harvest.run import harvest
-from harvest.text import open_documents, pack_contexts
-from sae_common.allocator import retain_freed_memory
-from sae_common.cache_format import Cache, itemsize, open_cache
-from sae_common.config import HarvestConfig, hook_names, parse_count
-from sae_common.model import ASSETS, LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
+from sae_cache.harvest.run import harvest
+from sae_cache.harvest.text import open_documents, pack_contexts
+from sae_cache.sae_common.allocator import retain_freed_memory
+from sae_cache.sae_common.cache_format import Cache, itemsize, open_cache
+from sae_cache.sae_common.config import HarvestConfig, hook_names, parse_count
+from sae_cache.sae_common.model import ASSETS, LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from saelens_env import DEFAULT_VENV, saelens_python  # noqa: E402

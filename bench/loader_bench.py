@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sae_common.allocator import retain_freed_memory  # noqa: E402
-from sae_common.cache_format import open_cache  # noqa: E402
+from sae_cache.sae_common.allocator import retain_freed_memory  # noqa: E402
+from sae_cache.sae_common.cache_format import open_cache  # noqa: E402
 from tests.cache_utils import write_cache  # noqa: E402
-from train.loader import ActivationLoader, epoch_windows, window_order  # noqa: E402
+from sae_cache.train.loader import ActivationLoader, epoch_windows, window_order  # noqa: E402
 
 
 def loader_gbps(cache, hook: str, batch: int, workers: int, epochs: int) -> tuple[float, float]:
@@ -118,8 +118,8 @@ def main() -> None:
                               "memmap_gb_per_s": round(base, 3), "ratio_vs_memmap": round(gbps / base, 3)}),
                   flush=True)
 
-        from sae_common.sae import SAE, SAEConfig
-        from train.trainer import Member
+        from sae_cache.sae_common.sae import SAE, SAEConfig
+        from sae_cache.train.trainer import Member
 
         torch.manual_seed(0)
         sae = SAE(SAEConfig(d_in=args.d, d_sae=args.latents, arch="batchtopk", k=32)).train()

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sae_common.allocator import retain_freed_memory  # noqa: E402
-from sae_common.cache_format import open_cache  # noqa: E402
-from sae_common.config import TrainConfig  # noqa: E402
+from sae_cache.sae_common.allocator import retain_freed_memory  # noqa: E402
+from sae_cache.sae_common.cache_format import open_cache  # noqa: E402
+from sae_cache.sae_common.config import TrainConfig  # noqa: E402
 from tests.cache_utils import write_cache  # noqa: E402
-from train.loader import ActivationLoader  # noqa: E402
-from train.run import build_members, train  # noqa: E402
-from train.sweep import expand  # noqa: E402
+from sae_cache.train.loader import ActivationLoader  # noqa: E402
+from sae_cache.train.run import build_members, train  # noqa: E402
+from sae_cache.train.sweep import expand  # noqa: E402
 
 SAES = [("topk", 16), ("topk", 32), ("batchtopk", 16), ("batchtopk", 32)]
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saelens_env import DEFAULT_VENV, saelens_python  # noqa: E402
 
-from sae_common.allocator import AS_ENVIRONMENT, retain_freed_memory  # noqa: E402
+from sae_cache.sae_common.allocator import AS_ENVIRONMENT, retain_freed_memory  # noqa: E402
 
 SAELENS_ARCHS = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
 
@@ -73,8 +73,8 @@ def sync(device: str) -> None:
 
 
 def ours(arch: str, d: int, F: int, B: int, k: int, steps: int, device: str, dtype: str, sparse: bool) -> float:
-    from sae_common.sae import SAE, SAEConfig
-    from train.trainer import Member
+    from sae_cache.sae_common.sae import SAE, SAEConfig
+    from sae_cache.train.trainer import Member
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=d, d_sae=F, arch=arch, k=k)).to(device)
@@ -146,7 +146,7 @@ def main() -> None:
         row = {"bench": "train_step", "arch": arch, **shape, "dtype": args.dtype, "freed_memory_retained": retained,
                "ours_tokens_per_s": round(fast),
                "fraction_of_encoder_gemm_bound": round(fast / bound, 3)}
-        from sae_common.architectures import ARCHS
+        from sae_cache.sae_common.architectures import ARCHS
 
         if ARCHS[arch].select is not None:  # the same step on the dense reference path, for the sparse speed-up
             row["ours_dense_path_tokens_per_s"] = round(

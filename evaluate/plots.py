@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from evaluate.metrics import DENSE_FREQUENCY
+from sae_cache.evaluate.metrics import DENSE_FREQUENCY
 
 L0_LABEL = "L0 (active latents per token)"
 LOG_X_SPREAD = 4  # L0 goes on a log axis once the SAEs' L0s span at least this factor

@@ -12,9 +12,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from evaluate.sources import Target
-from sae_common.cache_format import Cache
-from sae_common.config import EvalConfig
+from sae_cache.evaluate.sources import Target
+from sae_cache.sae_common.cache_format import Cache
+from sae_cache.sae_common.config import EvalConfig
 
 EVAL_FILE = "eval.json"
 SUMMARY_FILE = "eval_summary.json"

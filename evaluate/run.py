@@ -16,17 +16,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
-from evaluate.metrics import ActivationStats, Mean, SAEStats, kl_per_token, log_probs, next_token_ce, sae_metrics
-from evaluate.plots import save_plots
-from evaluate.report import print_table, sae_report, write_reports
-from evaluate.sources import (EvalError, Target, activation_mean, check_fit, find_sae_dirs, heldout_rows,
+from sae_cache.evaluate.metrics import ActivationStats, Mean, SAEStats, kl_per_token, log_probs, next_token_ce, sae_metrics
+from sae_cache.evaluate.plots import save_plots
+from sae_cache.evaluate.report import print_table, sae_report, write_reports
+from sae_cache.evaluate.sources import (EvalError, Target, activation_mean, check_fit, find_sae_dirs, heldout_rows,
                               heldout_tokens, keep_positions, load_eval_model, load_targets, open_target_cache,
                               output_dir)
-from evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
-from sae_common.cache_format import DEFAULT_ROOT, Cache
-from sae_common.config import EvalConfig
-from sae_common.console import make_console
-from sae_common.model import hook_layer, resolve_device
+from sae_cache.evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
+from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache
+from sae_cache.sae_common.config import EvalConfig
+from sae_cache.sae_common.console import make_console
+from sae_cache.sae_common.model import hook_layer, resolve_device
 
 
 @dataclass

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sae_common.cache_format import Cache, holdout_start, open_cache
-from sae_common.config import EvalConfig
-from sae_common.errors import UserError
-from sae_common.model import LoadedModel, count_layers, load_model, resolve_model_dtype, resolve_source, run_hooks
-from sae_common.sae import SAE
-from sae_common.sae_io import NATIVE_FILE, RECORD_FILE, RUN_FILE, find_runs, load_record, load_sae
+from sae_cache.sae_common.cache_format import Cache, holdout_start, open_cache
+from sae_cache.sae_common.config import EvalConfig
+from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.model import LoadedModel, count_layers, load_model, resolve_model_dtype, resolve_source, run_hooks
+from sae_cache.sae_common.sae import SAE
+from sae_cache.sae_common.sae_io import NATIVE_FILE, RECORD_FILE, RUN_FILE, find_runs, load_record, load_sae
 
 MEAN_READ_ROWS = 1 << 16  # rows per read when averaging the held-out activations (bounded memory)
 

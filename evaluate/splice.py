@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 from torch import Tensor
 
-from sae_common.model import hook_layer
-from sae_common.sae import SAE
+from sae_cache.sae_common.model import hook_layer
+from sae_cache.sae_common.sae import SAE
 
 
 def resid_pre(layer: int) -> str:

@@ -20,14 +20,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from harvest.text import Position, open_documents, pack_contexts, separator_id
-from sae_common.background import background
-from sae_common.cache_format import DEFAULT_ROOT, EXPECTED_RATIO, itemsize, layout_for, to_storage
-from sae_common.cache_writer import CacheWriter
-from sae_common.config import HarvestConfig, hook_names
-from sae_common.console import make_console
-from sae_common.errors import UserError
-from sae_common.model import LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
+from sae_cache.harvest.text import Position, open_documents, pack_contexts, separator_id
+from sae_cache.sae_common.background import background
+from sae_cache.sae_common.cache_format import DEFAULT_ROOT, EXPECTED_RATIO, itemsize, layout_for, to_storage
+from sae_cache.sae_common.cache_writer import CacheWriter
+from sae_cache.sae_common.config import HarvestConfig, hook_names
+from sae_cache.sae_common.console import make_console
+from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.model import LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
 
 
 class HarvestError(UserError):

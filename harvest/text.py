@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_common.errors import UserError
-from sae_common.model import ASSETS
+from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.model import ASSETS
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_GROUP = 64  # documents tokenized per call (fast tokenizers batch well)

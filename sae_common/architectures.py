@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from sae_common.sparse import batch_topk_flat, mask_flat, topk_flat
+from sae_cache.sae_common.sparse import batch_topk_flat, mask_flat, topk_flat
 
 if TYPE_CHECKING:
-    from sae_common.sae import SAE, SAEConfig
+    from sae_cache.sae_common.sae import SAE, SAEConfig
 
 
 # ---------------------------------------------------------------- sparsifying selections (pure)

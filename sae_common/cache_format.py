@@ -19,7 +19,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from sae_common.errors import UserError
+from sae_cache.sae_common.errors import UserError
 
 FORMAT_VERSION = 1
 DEFAULT_ROOT = Path("cache")  # where caches and runs go when the command line names no path

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from sae_common.cache_format import (
+from sae_cache.sae_common.cache_format import (
     ATTRS_KEY,
     FORMAT_VERSION,
     TOKENS,

@@ -29,7 +29,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, Endian, ShardingCod
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-from sae_common.cache_format import shard_file
+from sae_cache.sae_common.cache_format import shard_file
 
 EMPTY = 2**64 - 1  # the index entry of a chunk that was never written
 

@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import click
 
-from sae_common.allocator import retain_freed_memory
-from sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
-from sae_common.errors import UserError
+from sae_cache.sae_common.allocator import retain_freed_memory
+from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
+from sae_cache.sae_common.errors import UserError
 
 
 def option(cls: type, name: str, *decls: str, **kwargs: Any) -> Callable:
@@ -52,6 +52,7 @@ def user_errors(fn: Callable) -> Callable:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="sae-cache", prog_name="sae")
 def main() -> None:
     """Harvest language-model activations once; train and evaluate many sparse autoencoders from them."""
     retain_freed_memory()  # every step reuses its large buffers' pages instead of faulting in fresh ones
@@ -84,7 +85,7 @@ def harvest(out: Path | None, overwrite: bool, **options: Any) -> None:
 
     Rerunning the same command resumes an interrupted harvest from its last complete shard.
     """
-    from harvest.run import harvest as run_harvest
+    from sae_cache.harvest.run import harvest as run_harvest
 
     options["layers"] = tuple(options["layers"]) or default(HarvestConfig, "layers")
     path = run_harvest(HarvestConfig(**options), out, overwrite=overwrite)
@@ -142,7 +143,7 @@ def train(out: Path | None, **options: Any) -> None:
 
     Rerunning the same command resumes every SAE from its last checkpoint.
     """
-    from train.run import train as run_train
+    from sae_cache.train.run import train as run_train
 
     for key in ("archs", "ks", "dict_sizes", "expansions", "l1_coeffs", "l0_coeffs", "lrs"):
         if not options[key]:
@@ -170,7 +171,7 @@ def eval_command(**options: Any) -> None:
     SAE_DIR: SAE directories or training run directories (default: every SAE of the newest run under
     ./cache/runs). Writes eval.json beside each SAE, eval_summary.json and plots/ in the run directory.
     """
-    from evaluate.run import evaluate
+    from sae_cache.evaluate.run import evaluate
 
     evaluate(EvalConfig(**options))
 
@@ -185,7 +186,7 @@ def cache() -> None:
 @user_errors
 def info(path: Path, as_json: bool) -> None:
     """What is in a cache: model, hooks, tokens, size on disk and compression ratio."""
-    from sae_common.cache_format import itemsize, open_cache
+    from sae_cache.sae_common.cache_format import itemsize, open_cache
 
     c = open_cache(path)
     if as_json:
@@ -209,7 +210,7 @@ def info(path: Path, as_json: bool) -> None:
 @user_errors
 def verify(path: Path) -> None:
     """Check every shard is present and matches its checksum; exit 1 naming each bad shard."""
-    from sae_common.cache_format import open_cache, verify as verify_cache
+    from sae_cache.sae_common.cache_format import open_cache, verify as verify_cache
 
     c = open_cache(path)
     problems = verify_cache(c)

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from sae_common.errors import ConfigError
+from sae_cache.sae_common.errors import ConfigError
 
 HOOK_KINDS = {
     "resid_post": "blocks.{layer}.hook_resid_post",

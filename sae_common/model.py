@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sae_common.errors import UserError
+from sae_cache.sae_common.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ASSETS = Path(__file__).parent / "assets"

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
-from sae_common.errors import ConfigError
-from sae_common.sparse import Selection, gather_pre, sparse_decode
+from sae_cache.sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
+from sae_cache.sae_common.errors import ConfigError
+from sae_cache.sae_common.sparse import Selection, gather_pre, sparse_decode
 
 INPUT_NORMS = ("none", "standardize", "scalar")
 

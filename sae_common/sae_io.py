@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_common.cache_format import DEFAULT_ROOT
-from sae_common.errors import UserError
-from sae_common.sae import SAE, SAEConfig
+from sae_cache.sae_common.cache_format import DEFAULT_ROOT
+from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.sae import SAE, SAEConfig
 
 SAELENS_FORMAT_VERSION = "6.52.0"
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"

@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sae_common.sae_io import find_runs
+from sae_cache.sae_common.sae_io import find_runs
 
 
 def main() -> None:

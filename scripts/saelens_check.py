@@ -28,8 +28,8 @@ CASES = [("relu", "scalar"), ("topk", "scalar"), ("batchtopk", "scalar"), ("jump
 
 def make(directory: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sae_common.sae import SAE, SAEConfig
-    from sae_common.sae_io import save_sae
+    from sae_cache.sae_common.sae import SAE, SAEConfig
+    from sae_cache.sae_common.sae_io import save_sae
 
     g = torch.Generator().manual_seed(0)
     mix_DD = torch.randn(32, 32, generator=g)

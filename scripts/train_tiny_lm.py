@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from harvest.text import pack_contexts
+from sae_cache.harvest.text import pack_contexts
 
 EOT = "<|endoftext|>"
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages"}

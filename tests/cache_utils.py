@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_common.cache_format import layout_for, to_storage
-from sae_common.cache_writer import CacheWriter
+from sae_cache.sae_common.cache_format import layout_for, to_storage
+from sae_cache.sae_common.cache_writer import CacheWriter
 
 
 def write_cache(path: Path, acts_ND: torch.Tensor, *, tokens_N: torch.Tensor | None = None, context_size: int = 16,

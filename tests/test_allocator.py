@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from sae_common.allocator import USER_SETTINGS
+from sae_cache.sae_common.allocator import USER_SETTINGS
 
 # Run in a fresh interpreter: the setting is process-wide and one-way, so it must not leak into this one.
 PROBE = r"""
 import ctypes, json, sys
 import numpy as np
-from sae_common.allocator import retain_freed_memory
+from sae_cache.sae_common.allocator import retain_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

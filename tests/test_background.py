@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sae_common.background import background
+from sae_cache.sae_common.background import background
 
 
 def threads() -> list[str]:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sae_common.cache_format import from_storage, holdout_start, layout_for, open_cache, to_storage, verify
-from sae_common.cli import main
-from sae_common.config import parse_count
+from sae_cache.sae_common.cache_format import from_storage, holdout_start, layout_for, open_cache, to_storage, verify
+from sae_cache.sae_common.cli import main
+from sae_cache.sae_common.config import parse_count
 from tests.cache_utils import write_cache
 
 

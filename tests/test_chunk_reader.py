@@ -7,9 +7,9 @@ import pytest
 import torch
 import zarr
 
-from sae_common import cache_format
-from sae_common.cache_format import open_cache, shard_file
-from sae_common.chunk_reader import ChunkReader
+from sae_cache.sae_common import cache_format
+from sae_cache.sae_common.cache_format import open_cache, shard_file
+from sae_cache.sae_common.chunk_reader import ChunkReader
 from tests.cache_utils import write_cache
 
 N, D, ROWS_PER_CHUNK, ROWS_PER_SHARD = 1000, 8, 48, 192  # 21 chunks (the last one 40 rows) in 6 shards

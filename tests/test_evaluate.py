@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from evaluate.metrics import ActivationStats, kl_per_token, log_probs, next_token_ce
-from evaluate.plots import plot_figures
-from evaluate.splice import clean_pass, spliced_logits
-from sae_common.cache_format import open_cache
-from sae_common.cli import main
-from sae_common.model import load_model
-from sae_common.sae import SAE, SAEConfig
-from sae_common.sae_io import save_sae
+from sae_cache.evaluate.metrics import ActivationStats, kl_per_token, log_probs, next_token_ce
+from sae_cache.evaluate.plots import plot_figures
+from sae_cache.evaluate.splice import clean_pass, spliced_logits
+from sae_cache.sae_common.cache_format import open_cache
+from sae_cache.sae_common.cli import main
+from sae_cache.sae_common.model import load_model
+from sae_cache.sae_common.sae import SAE, SAEConfig
+from sae_cache.sae_common.sae_io import save_sae
 from tests.test_harvest import CTX, harvest_args
 
 HOOK = "blocks.1.hook_resid_post"

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sae_common.architectures import rectangle
-from sae_common.sae import SAE, SAEConfig, standardize
+from sae_cache.sae_common.architectures import rectangle
+from sae_cache.sae_common.sae import SAE, SAEConfig, standardize
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = {"batchtopk": "batchtopk", "batchtopk_unitnorm": "batchtopk", "topk": "topk",

@@ -15,8 +15,8 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from sae_common.cache_format import CacheError, from_storage, open_cache, verify
-from sae_common.cli import main
+from sae_cache.sae_common.cache_format import CacheError, from_storage, open_cache, verify
+from sae_cache.sae_common.cli import main
 
 CTX = 32
 
@@ -126,7 +126,7 @@ def test_cache_opens_with_plain_zarr_and_holds_the_design_attributes(checkpoints
 
 def _cli_process(args: list, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "sae_common.cli", *map(str, args)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "sae_cache.sae_common.cli", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 

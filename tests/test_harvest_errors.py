@@ -9,10 +9,10 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from sae_common.cache_format import open_cache, verify
-from sae_common.cache_format import layout_for
-from sae_common.cache_writer import CacheWriter
-from sae_common.cli import main
+from sae_cache.sae_common.cache_format import open_cache, verify
+from sae_cache.sae_common.cache_format import layout_for
+from sae_cache.sae_common.cache_writer import CacheWriter
+from sae_cache.sae_common.cli import main
 from tests.test_harvest import harvest_args
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import zarr
 
-from sae_common import cache_format
-from sae_common.cache_format import Cache, CacheError, from_storage, holdout_start, open_cache, shard_file
+from sae_cache.sae_common import cache_format
+from sae_cache.sae_common.cache_format import Cache, CacheError, from_storage, holdout_start, open_cache, shard_file
 from tests.cache_utils import write_cache
-from train.loader import ActivationLoader
+from sae_cache.train.loader import ActivationLoader
 
 HOOK = "blocks.0.hook_resid_post"
 N, D, ROWS_PER_CHUNK, ROWS_PER_SHARD = 2000, 8, 64, 256  # 32 chunks (the last one 16 rows) in 8 shards

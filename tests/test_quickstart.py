@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_common.model import BUILTIN_MODELS
+from sae_cache.sae_common.model import BUILTIN_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from sae_common.cache_format import holdout_start, open_cache
-from sae_common.config import TrainConfig
-from sae_common.sae_io import load_sae
+from sae_cache.sae_common.cache_format import holdout_start, open_cache
+from sae_cache.sae_common.config import TrainConfig
+from sae_cache.sae_common.sae_io import load_sae
 from tests.cache_utils import write_cache
-from train.run import train
+from sae_cache.train.run import train
 
 D, N_FEATURES, N_ROWS, K = 32, 64, 2**17, 3
 

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from sae_common.architectures import (ARCHS, aux_reconstruction_loss, batch_topk, feature_choice, rectangle,
+from sae_cache.sae_common.architectures import (ARCHS, aux_reconstruction_loss, batch_topk, feature_choice, rectangle,
                                       zipf_underuse_weights)
-from sae_common.errors import ConfigError
-from sae_common.sae import SAE, SAEConfig
+from sae_cache.sae_common.errors import ConfigError
+from sae_cache.sae_common.sae import SAE, SAEConfig
 
 D, F, B, K = 16, 64, 32, 4
 

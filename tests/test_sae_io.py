@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_common.architectures import ARCHS
-from sae_common.errors import UserError
-from sae_common.sae import SAE, SAEConfig
-from sae_common.sae_io import load_record, load_sae, save_sae
+from sae_cache.sae_common.architectures import ARCHS
+from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.sae import SAE, SAEConfig
+from sae_cache.sae_common.sae_io import load_record, load_sae, save_sae
 
 D, F, B, K = 16, 64, 32, 4
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",

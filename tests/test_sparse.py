@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_common.architectures import ARCHS
-from sae_common.sae import SAE, SAEConfig
-from sae_common.sparse import Selection, batch_topk_flat, densify, gather_pre, sparse_decode, topk_flat
+from sae_cache.sae_common.architectures import ARCHS
+from sae_cache.sae_common.sae import SAE, SAEConfig
+from sae_cache.sae_common.sparse import Selection, batch_topk_flat, densify, gather_pre, sparse_decode, topk_flat
 
 SPARSE_ARCHS = [name for name, arch in ARCHS.items() if arch.select is not None]
 B, D, F, K = 64, 16, 96, 4

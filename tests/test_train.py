@@ -14,12 +14,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sae_common.cli import main
-from sae_common.config import TrainConfig
-from sae_common.errors import ConfigError
-from sae_common.sae_io import load_sae
+from sae_cache.sae_common.cli import main
+from sae_cache.sae_common.config import TrainConfig
+from sae_cache.sae_common.errors import ConfigError
+from sae_cache.sae_common.sae_io import load_sae
 from tests.cache_utils import write_cache
-from train.sweep import expand
+from sae_cache.train.sweep import expand
 
 D = 16
 
@@ -87,7 +87,7 @@ def test_resume_equals_an_uninterrupted_run(cache, tmp_path):
 def test_ctrl_c_checkpoints_and_the_rerun_resumes(cache, tmp_path):
     args = ["train", "--cache", cache, "--out", tmp_path / "run", "--batch-size", 64, "--expansion", 4,
             "--arch", "topk", "--k", 4, "--tokens", 400_000, "--checkpoint-every", 10**9]
-    proc = subprocess.Popen([sys.executable, "-m", "sae_common.cli", *map(str, args)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "sae_cache.sae_common.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     history = tmp_path / "run" / "topk-k4-64" / "history.jsonl"
     deadline = time.time() + 120
@@ -119,8 +119,8 @@ def test_errors_name_the_value_and_what_is_valid(cache, tmp_path):
 
 
 def test_incomplete_cache_is_refused_with_what_verify_says(tmp_path):
-    from sae_common.cache_format import layout_for
-    from sae_common.cache_writer import CacheWriter
+    from sae_cache.sae_common.cache_format import layout_for
+    from sae_cache.sae_common.cache_writer import CacheWriter
 
     meta = {"model": "m", "hooks": ["h.0"], "d_model": 4, "context_size": 4, "prepend_bos": False, "dtype": "float32",
             "compression": "zstd", "layout": layout_for(4, "float32", 4, 16), "target_tokens": 64, "dataset": {}}

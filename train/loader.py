@@ -24,9 +24,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from sae_common.background import put_unless_stopped
-from sae_common.cache_format import TORCH_DTYPE, Cache, CacheError, holdout_start, storage_view
-from sae_common.chunk_reader import ChunkReader
+from sae_cache.sae_common.background import put_unless_stopped
+from sae_cache.sae_common.cache_format import TORCH_DTYPE, Cache, CacheError, holdout_start, storage_view
+from sae_cache.sae_common.chunk_reader import ChunkReader
 
 
 # -- the stream: pure functions of the seed and the geometry ---------------------------------------------

@@ -11,17 +11,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from sae_common.cache_format import DEFAULT_ROOT, Cache, CacheError, find_caches, holdout_start, open_cache, verify
-from sae_common.config import TrainConfig
-from sae_common.console import make_console
-from sae_common.errors import UserError
-from sae_common.model import resolve_device
-from sae_common.sae import SAE
-from sae_common.sae_io import RUN_FILE, save_sae
-from train.checkpoint import load_checkpoint, read_state, save_checkpoint, write_json_atomic
-from train.loader import ActivationLoader
-from train.sweep import SweepEntry, expand
-from train.trainer import Member, train_loop
+from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache, CacheError, find_caches, holdout_start, open_cache, verify
+from sae_cache.sae_common.config import TrainConfig
+from sae_cache.sae_common.console import make_console
+from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.model import resolve_device
+from sae_cache.sae_common.sae import SAE
+from sae_cache.sae_common.sae_io import RUN_FILE, save_sae
+from sae_cache.train.checkpoint import load_checkpoint, read_state, save_checkpoint, write_json_atomic
+from sae_cache.train.loader import ActivationLoader
+from sae_cache.train.sweep import SweepEntry, expand
+from sae_cache.train.trainer import Member, train_loop
 
 
 def pick_cache(cfg: TrainConfig, console: Console, root: Path = DEFAULT_ROOT) -> Cache:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from sae_common.architectures import ARCHS
-from sae_common.config import TrainConfig
-from sae_common.errors import ConfigError
-from sae_common.sae import SAEConfig
+from sae_cache.sae_common.architectures import ARCHS
+from sae_cache.sae_common.config import TrainConfig
+from sae_cache.sae_common.errors import ConfigError
+from sae_cache.sae_common.sae import SAEConfig
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from sae_common.errors import UserError
-from sae_common.sae import SAE
+from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.sae import SAE
 
 METRICS = ("loss", "mse", "fvu", "l0", "aux")
 
