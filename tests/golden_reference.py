@@ -223,8 +223,10 @@ def decision_margins(t: dict, meta: dict, arch: str) -> dict[str, float]:
         out["threshold"] = ((pre - theta).abs() / noise).min().item()
         out["kernel_edges"] = (((pre - theta).abs() - bw / 2).abs() / noise).min().item()
     else:
-        k, batch = meta["k"], arch == "batchtopk"
-        out["topk"] = _gap(pre.flatten() if batch else pre, noise.flatten() if batch else noise, k * meta["B"] if batch else k)
+        if arch == "batchtopk":
+            out["topk"] = _gap(pre.flatten(), noise.flatten(), meta["k"] * meta["B"])
+        else:
+            out["topk"] = _gap(pre, noise, meta["k"])
         dead = fwd["num_batches_not_active_after"] >= meta["n_batches_to_dead"]
         out["auxk"] = _gap(pre[:, dead], noise[:, dead], min(meta["top_k_aux"], int(dead.sum())))
     return out

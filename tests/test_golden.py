@@ -108,9 +108,9 @@ def assert_adam_step(after: torch.Tensor, before: torch.Tensor, g_ours: torch.Te
     After one step p' = p − lr·u(g) with u(g) = g/(|g| + eps): u is increasing, bounded by 1, with slope
     u'(g) = eps/(|g| + eps)². Our gradient is only checked to δ = GRAD's atol + rtol·|g| (float noise from
     another BLAS, thread count or summation order lives in there), so all the checks can demand is
-        p' ∈ [p − lr·u(g + δ), p − lr·u(g − δ)],   a width  ≲ 2·lr·δ·eps/(|g| − δ + eps)²  for |g| > δ:
-    ≈ 2e-4·lr·eps/|g| (nothing) where |g| ≫ δ, but up to 2·lr where |g| ≲ δ — there float noise in a
-    gradient near eps really moves the step by up to lr (the reason a fixed atol failed on another machine).
+        p' ∈ [p − lr·u(g + δ), p − lr·u(g − δ)],  of width ≲ 2·lr·δ·eps/(|g| − δ + eps)² for |g| > δ:
+    ≈ 2·lr·δ·eps/g² where |g| ≫ δ (≤ 6e-10 once |g| ≥ 1e-4), but up to 2·lr where |g| ≲ δ — there float
+    noise in a gradient near eps really moves the step by up to lr (why a fixed atol failed on another machine).
     So the step is checked in two parts that together leave nothing loose:
       1. exactly (STEP, rounding only) that the optimiser took Adam's step from OUR gradient, everywhere;
       2. that step within the interval above (plus STEP) of the EXPECTED gradient: tight where |g| ≫ δ.
