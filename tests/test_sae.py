@@ -393,3 +393,34 @@ def test_a_new_architecture_needs_only_its_registry_entry(monkeypatch, tmp_path)
     assert loaded.cfg == sae.cfg
     torch.testing.assert_close(loaded.encode(x), sae.eval().encode(x))
     assert '"architecture": "topk"' in (tmp_path / "cfg.json").read_text()
+
+
+def test_matryoshka_resumes_exactly_from_a_checkpoint(tmp_path):
+    """Six steps in one go equal three, a checkpoint (weights, buffers, Adam state), a fresh SAE, three more."""
+    from sae_cache.train.checkpoint import load_checkpoint, save_checkpoint
+    from sae_cache.train.trainer import Member
+
+    def member() -> Member:
+        sae = make_sae("matryoshka_batchtopk", dead_tokens=2 * B, aux_k=4)
+        sae.sparse_training = True
+        sae.set_input_scale(batch(100, 256))
+        return Member("m", sae, torch.optim.Adam(sae.parameters(), lr=1e-2, betas=(0.9, 0.99)))
+
+    whole, first = member(), member()
+    for i in range(6):
+        whole.step(batch(1000 + i))
+    for i in range(3):
+        first.step(batch(1000 + i))
+    (tmp_path / "m").mkdir()
+    save_checkpoint(tmp_path, [first], 3, {})
+    resumed = member()
+    load_checkpoint(tmp_path, [resumed], 3)
+    for i in range(3, 6):
+        resumed.step(batch(1000 + i))
+    assert whole.sae.dead_mask().any()  # the auxiliary loss took part
+    for (name, a), (_, b) in zip(resumed.sae.state_dict().items(), whole.sae.state_dict().items()):
+        if a.is_floating_point():  # the same operations on the same values: equal up to reduction order at most
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(a, b), name
+    torch.testing.assert_close(resumed.sae.inference_threshold(), whole.sae.inference_threshold(), rtol=1e-6, atol=0)
