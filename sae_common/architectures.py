@@ -3,11 +3,14 @@
 Architectures differ only in (DESIGN.md, "SAEs"):
 - the training activation: pre-activations -> sparse latents, possibly looking at the whole batch;
 - for batch-level ones, inference uses a threshold estimated in training instead (held by the SAE);
-- an optional penalty (relu: L1, jumprelu: L0) and an optional auxiliary loss (AuxK, aux_zipf);
+- the reconstruction loss (the MSE of x̂, or matryoshka's mean over nested prefixes), an optional penalty
+  (relu: L1, jumprelu: L0) and an optional auxiliary loss (AuxK, aux_zipf);
+- the hyper-parameters a training run sweeps for it (k, l1_coeff, l0_coeff), which also name its SAEs;
 - the SAELens architecture it is exported as.
-Everything else (decoder constraint, dead-latent bookkeeping, input normalisation, saving) is shared and
-lives in sae.py / sae_io.py. To add an architecture: write its activation (and penalty / aux if any) as
-functions below and add one `Arch(...)` line to ARCHS.
+Everything else (decoder constraint, dead-latent bookkeeping, input normalisation, the loss's assembly on
+the dense and sparse paths, the sweep, saving) is shared and lives in sae.py / sparse.py / train/sweep.py /
+sae_io.py. To add an architecture: write its activation (and whatever else it has) as functions below and
+add one `Arch(...)` line to ARCHS.
 
 Math here is pure functions of tensors. Entry functions take the SAE (`sae`) only to read its config,
 parameters and bookkeeping buffers. Shapes: B tokens, D d_in, F latents, K kept per row.
