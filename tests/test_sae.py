@@ -209,6 +209,23 @@ def test_auxk_reconstructs_the_residual_from_dead_latents():
     torch.testing.assert_close(out.aux, expected)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_normalised_auxk_is_divided_by_the_residual_variance(sparse):
+    """aux_normalised (Gao et al. 2024): the same auxiliary loss divided by mean((e − mean_b e)²), e = x − x̂."""
+    x = batch(0)
+    outs = {}
+    for normalised in (False, True):
+        sae = make_sae("topk", aux_normalised=normalised, input_norm="none")
+        sae.sparse_training = sparse
+        with torch.no_grad():
+            sae.tokens_since_fired[: F // 2] = sae.cfg.dead_tokens  # half the latents dead
+        outs[normalised] = sae.train()(x)
+    residual_BD = x - outs[True].x_hat
+    variance = (residual_BD - residual_BD.mean(0)).pow(2).mean()
+    assert outs[False].aux > 0 and abs(variance - 1) > 0.1  # the division changes the value
+    torch.testing.assert_close(outs[True].aux, outs[False].aux / variance)
+
+
 # ---------------------------------------------------------------- shared machinery
 
 def test_constrain_decoder_projects_gradient_then_normalises():
