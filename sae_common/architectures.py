@@ -3,11 +3,14 @@
 Architectures differ only in (DESIGN.md, "SAEs"):
 - the training activation: pre-activations -> sparse latents, possibly looking at the whole batch;
 - for batch-level ones, inference uses a threshold estimated in training instead (held by the SAE);
-- an optional penalty (relu: L1, jumprelu: L0) and an optional auxiliary loss (AuxK, aux_zipf);
+- the reconstruction loss (the MSE of x̂, or matryoshka's mean over nested prefixes), an optional penalty
+  (relu: L1, jumprelu: L0) and an optional auxiliary loss (AuxK, aux_zipf);
+- the hyper-parameters a training run sweeps for it (k, l1_coeff, l0_coeff), which also name its SAEs;
 - the SAELens architecture it is exported as.
-Everything else (decoder constraint, dead-latent bookkeeping, input normalisation, saving) is shared and
-lives in sae.py / sae_io.py. To add an architecture: write its activation (and penalty / aux if any) as
-functions below and add one `Arch(...)` line to ARCHS.
+Everything else (decoder constraint, dead-latent bookkeeping, input normalisation, the loss's assembly on
+the dense and sparse paths, the sweep, saving) is shared and lives in sae.py / sparse.py / train/sweep.py /
+sae_io.py. To add an architecture: write its activation (and whatever else it has) as functions below and
+add one `Arch(...)` line to ARCHS.
 
 Math here is pure functions of tensors. Entry functions take the SAE (`sae`) only to read its config,
 parameters and bookkeeping buffers. Shapes: B tokens, D d_in, F latents, K kept per row.
@@ -15,6 +18,7 @@ parameters and bookkeeping buffers. Shapes: B tokens, D d_in, F latents, K kept 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -22,7 +26,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from sae_cache.sae_common.sparse import batch_topk_flat, mask_flat, topk_flat
+from sae_cache.sae_common.errors import ConfigError
+from sae_cache.sae_common.sparse import Latents, batch_topk_flat, mask_flat, topk_flat
 
 if TYPE_CHECKING:
     from sae_cache.sae_common.sae import SAE, SAEConfig
@@ -138,22 +143,43 @@ def aux_reconstruction_loss(pre_BF: Tensor, weight_F: Tensor, W_dec_FD: Tensor, 
     return (e_hat_BD - residual_BD.detach()).pow(2).mean()
 
 
-def zipf_underuse_weights(density_F: Tensor, dead_F: Tensor, k: float, exponent: float) -> Tensor:
-    """Per-latent weight of aux_zipf_loss: how far each latent falls short of its Zipf-law firing density.
+def zipf_fit(density_F: Tensor, exponent: float | None = None) -> Tensor:
+    """The Zipf law d(r) = C · r^(−α) fitted to the observed densities, evaluated at each latent's rank.
 
-    Latents ranked by running density (r = 1 the most frequent) get the target density
-        t_r = k · r^(−α) / Σ_{j=1..F} j^(−α)        (Σ_r t_r = k, the budget of active latents per token)
-    and the weight w_f = clamp(1 − d_f / t_{r_f}, 0, 1); dead latents get w_f = 1. Latents that fire at
-    least as often as Zipf's law predicts for their rank get 0 (Ayonrinde 2024: feature densities follow
-    a Zipf law except at the low end, where latents are dying or under-used).
+    Latents are ranked by density (r = 1 the most frequent); the fit is least squares in log-log over the
+    live latents (density > 0): log d_r ≈ log C − α·log r, both C and α fitted unless `exponent` fixes α.
+    Returns [F], the fitted density at each latent's rank (dead latents included).
     """
     F = density_F.numel()
-    rank_F = torch.empty_like(density_F)
-    rank_F[density_F.argsort(descending=True, stable=True)] = torch.arange(
-        1, F + 1, dtype=density_F.dtype, device=density_F.device)
-    zipf_F = rank_F.pow(-exponent)
-    target_F = k * zipf_F / zipf_F.sum()
-    weight_F = (1 - density_F / target_F).clamp(0, 1)
+    d = density_F.double()
+    rank_F = torch.empty_like(d)
+    rank_F[d.argsort(descending=True, stable=True)] = torch.arange(1, F + 1, dtype=d.dtype, device=d.device)
+    live_F = d > 0
+    log_r, log_d = rank_F[live_F].log(), d[live_F].log()
+    if exponent is not None:
+        alpha = torch.tensor(float(exponent), dtype=d.dtype, device=d.device)
+    elif live_F.sum() >= 2:
+        centred_r = log_r - log_r.mean()
+        alpha = -(centred_r * (log_d - log_d.mean())).sum() / centred_r.pow(2).sum()
+    else:  # one live latent: no slope to fit
+        alpha = d.new_zeros(())
+    log_c = (log_d + alpha * log_r).mean() if live_F.any() else d.new_zeros(())
+    return (log_c - alpha * rank_F.log()).exp().to(density_F.dtype)
+
+
+def zipf_underuse_weights(density_F: Tensor, dead_F: Tensor, exponent: float | None = None) -> Tensor:
+    """Per-latent weight of aux_zipf_loss: dead latents 1; live latents in the low end of the density
+    distribution (below the live latents' median density) by how far they fall below the Zipf fit of the
+    observed densities, clamp(1 − d_f / fit(r_f), 0, 1); every other latent 0.
+
+    Ayonrinde 2024: latent densities follow a Zipf law except at the low end, where latents are dying or
+    under-used. Restricting the weight to the low end keeps the head out: there the observed curve is
+    flatter than any power law, so the densest latents lie below the fit too, and they are not under-used.
+    """
+    fit_F = zipf_fit(density_F, exponent)
+    live_F = (density_F > 0) & ~dead_F
+    low_end_F = live_F & (density_F < density_F[live_F].quantile(0.5)) if live_F.any() else live_F
+    weight_F = torch.where(low_end_F, (1 - density_F / fit_F).clamp(0, 1), torch.zeros_like(density_F))
     return torch.where(dead_F, torch.ones_like(weight_F), weight_F)
 
 
@@ -202,8 +228,10 @@ def _dead_weights(sae: SAE) -> Tensor:
 #
 #     d_f    running fraction of training tokens on which latent f fires (EMA, time constant stats_window)
 #     r_f    rank of latent f by d_f (1 = most frequent)
-#     t_f  = k · r_f^(−α) / Σ_{j=1..F} j^(−α)     Zipf-law target density; Σ_f t_f = k  (α = zipf_exponent = 1)
-#     w_f  = 1 if f is dead, else clamp(1 − d_f / t_f, 0, 1)
+#     ẑ_f  = C · r_f^(−α)    the Zipf law fitted to the live latents' (d_f, r_f) by least squares in log-log
+#                            (C and α fitted; zipf_exponent fixes α instead)
+#     w_f  = 1 if f is dead; clamp(1 − d_f / ẑ_f, 0, 1) if d_f is below the live latents' median (the low
+#            end of the distribution); else 0
 #     ê_b  = Σ_{f ∈ TopK_aux_k(w ⊙ ReLU(z_b))} w_f · ReLU(z_bf) · W_dec,f
 #     L_aux = aux_coeff · mean_{b,d} (ê_bd − sg(x_bd − x̂_bd))²       (aux_k = 512, aux_coeff = 1/32)
 #
@@ -212,9 +240,11 @@ def _dead_weights(sae: SAE) -> Tensor:
 # -----------------------------------------------------------------------------------------------------
 
 def _zipf_weights(sae: SAE) -> Tensor:
-    """aux_zipf_loss (see the README block above): dead latents weigh 1, latents at or above their Zipf-law
-    density 0, under-used ones in between."""
-    return zipf_underuse_weights(sae.density, sae.dead_mask(), sae.cfg.k, sae.cfg.zipf_exponent).to(sae.W_dec.dtype)
+    """aux_zipf_loss (see the README block above): dead latents weigh 1, latents of the low end below the
+    Zipf fit of the densities in between, all others 0. Dead latents are left out of the fit."""
+    dead_F = sae.dead_mask()
+    density_F = sae.density.masked_fill(dead_F, 0)
+    return zipf_underuse_weights(density_F, dead_F, sae.cfg.zipf_exponent).to(sae.W_dec.dtype)
 
 
 def _jumprelu_params(cfg: SAEConfig) -> dict[str, Tensor]:
@@ -226,7 +256,61 @@ def _jumprelu_threshold(sae: SAE) -> Tensor:
     return sae.log_threshold.exp()
 
 
+# ---------------------------------------------------------------- reconstruction losses
+
+def plain_reconstruction(sae: SAE, latents: Latents, xn_BD: Tensor) -> tuple[Tensor, Tensor]:
+    """x̂ = f·W_dec + b_dec and its MSE, the mean over all B·D elements (the BatchTopK reference's convention)."""
+    xhat_n_BD = latents.decode(sae.W_dec) + sae.b_dec
+    return xhat_n_BD, (xhat_n_BD - xn_BD).pow(2).mean()
+
+
+def group_ends(d_sae: int, fractions: tuple[float, ...]) -> list[int]:
+    """Matryoshka: the end (exclusive) of each nested group of latents, cumulative fractions of d_sae rounded."""
+    ends = [round(d_sae * c) for c in itertools.accumulate(fractions)]
+    return ends[:-1] + [d_sae]
+
+
+def prefix_reconstructions(sae: SAE, latents: Latents) -> Tensor:
+    """[G, B, D]: for each g, the reconstruction from groups 1..g plus b_dec (Matryoshka paper, §3)."""
+    ends = group_ends(sae.cfg.d_sae, sae.cfg.group_fractions)
+    partial_GBD = torch.stack([latents.decode(sae.W_dec, lo, hi) for lo, hi in zip([0, *ends[:-1]], ends)])
+    return partial_GBD.cumsum(0) + sae.b_dec
+
+
+def _matryoshka_reconstruction(sae: SAE, latents: Latents, xn_BD: Tensor) -> tuple[Tensor, Tensor]:
+    """The full reconstruction, and the mean over the G prefixes of their MSEs (= the mean over G·B·D elements):
+    every prefix of groups must reconstruct x on its own, so early latents learn general features (Bussmann et
+    al. 2025). Their reference also averages in a b_dec-only term, as if a group of 0 latents came first; the
+    paper's loss does not, nor does ours (tests/test_golden_matryoshka.py)."""
+    prefix_GBD = prefix_reconstructions(sae, latents)
+    return prefix_GBD[-1], (prefix_GBD - xn_BD).pow(2).mean()
+
+
+def _check_groups(cfg: SAEConfig) -> None:
+    fractions = cfg.group_fractions
+    if not fractions or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"group_fractions {fractions!r} must be positive fractions of the dictionary that sum "
+                          "to 1, e.g. 0.0625,0.0625,0.125,0.25,0.5")
+    ends = group_ends(cfg.d_sae, fractions)
+    if min(b - a for a, b in zip([0, *ends[:-1]], ends)) < 1:
+        raise ConfigError(f"group_fractions {fractions!r} leave a group of d_sae={cfg.d_sae} latents empty "
+                          f"(group ends {ends}); use a larger dictionary or fewer, larger groups")
+
+
 # ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Sweep:
+    """A hyper-parameter an architecture sweeps over: the SAEConfig field, the TrainConfig field listing its
+    values (a --flag taking several), and its run-name tag (`{tag}{value:g}`, e.g. k32, l1_0.01)."""
+
+    field: str
+    values: str
+    tag: str
+
+
+K, L1, L0 = Sweep("k", "ks", "k"), Sweep("l1_coeff", "l1_coeffs", "l1_"), Sweep("l0_coeff", "l0_coeffs", "l0_")
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -236,14 +320,16 @@ class Arch:
     """(sae, pre_BF) -> acts_BF, the training activation (and the one eval uses with batch_mode=True)."""
     saelens: str
     """The SAELens 6.x architecture it is exported as: standard, topk or jumprelu."""
-    uses_k: bool = False
-    """Whether cfg.k means something (and must satisfy 1 <= k < d_sae)."""
+    sweeps: tuple[Sweep, ...] = ()
+    """The hyper-parameters a training run sweeps over for it (and that name its SAEs)."""
     batch_level: bool = False
     """Selection depends on the whole batch: inference uses a threshold estimated in training instead."""
     per_latent_threshold: bool = False
     """(batch-level only) one estimated threshold per latent instead of one global θ."""
+    reconstruction: Callable[..., tuple[Tensor, Tensor]] = plain_reconstruction
+    """(sae, latents, xn_BD) -> (x̂_n_BD, reconstruction loss), on either training path (latents: sparse.Latents)."""
     penalty: Callable[..., Tensor] | None = None
-    """(sae, pre_BF, acts_BF) -> scalar sparsity penalty added to the loss."""
+    """(sae, pre_BF, acts_BF) -> scalar sparsity penalty added to the loss (dense path only)."""
     aux_weights: Callable[..., Tensor] | None = None
     """sae -> [F] weights of the latents that reconstruct the residual in the auxiliary loss (AuxK: the dead
     ones; aux_zipf: dead and under-used): aux_coeff · aux_reconstruction_loss is added to the loss."""
@@ -254,6 +340,16 @@ class Arch:
     """cfg -> {name: initial tensor}: extra parameters the SAE registers."""
     threshold: Callable[..., Tensor] | None = None
     """(not batch-level) sae -> learned inference threshold [F], exported to SAELens jumprelu."""
+    check: Callable[..., None] | None = None
+    """cfg -> None, raising ConfigError for settings this architecture cannot use."""
+
+    def __post_init__(self):
+        assert not (self.penalty and self.select), "penalties read dense latents: no sparse path with a penalty"
+
+    @property
+    def uses_k(self) -> bool:
+        """Whether cfg.k means something (and must satisfy 1 <= k < d_sae)."""
+        return K in self.sweeps
 
 
 def _topk_select(sae: SAE, acts_BF: Tensor) -> Tensor:
@@ -268,16 +364,19 @@ def _feature_choice_select(sae: SAE, acts_BF: Tensor) -> Tensor:
     return mask_flat(feature_choice_mask(acts_BF, sae.cfg.k * acts_BF.shape[0]))
 
 
+_BATCHTOPK = dict(sweeps=(K,), batch_level=True, select=_batchtopk_select)  # the BatchTopK selection and θ
 ARCHS: dict[str, Arch] = {
-    "relu": Arch(_relu, "standard", penalty=_l1_penalty),
-    "topk": Arch(_topk, "topk", uses_k=True, aux_weights=_dead_weights, select=_topk_select),
-    "batchtopk": Arch(_batchtopk, "jumprelu", uses_k=True, batch_level=True, aux_weights=_dead_weights,
-                      select=_batchtopk_select),
-    "jumprelu": Arch(_jumprelu, "jumprelu", penalty=_l0_penalty, extra_params=_jumprelu_params,
+    "relu": Arch(_relu, "standard", sweeps=(L1,), penalty=_l1_penalty),
+    "topk": Arch(_topk, "topk", sweeps=(K,), aux_weights=_dead_weights, select=_topk_select),
+    "batchtopk": Arch(_batchtopk, "jumprelu", aux_weights=_dead_weights, **_BATCHTOPK),
+    "jumprelu": Arch(_jumprelu, "jumprelu", sweeps=(L0,), penalty=_l0_penalty, extra_params=_jumprelu_params,
                      threshold=_jumprelu_threshold),
-    "feature_choice": Arch(_feature_choice, "jumprelu", uses_k=True, batch_level=True,
-                           per_latent_threshold=True, aux_weights=_zipf_weights, select=_feature_choice_select),
+    "feature_choice": Arch(_feature_choice, "jumprelu", sweeps=(K,), batch_level=True, per_latent_threshold=True,
+                           aux_weights=_zipf_weights, select=_feature_choice_select),
     # the BatchTopK allocation (top k*B of the token x latent matrix) with aux_zipf_loss
-    "mutual_choice": Arch(_batchtopk, "jumprelu", uses_k=True, batch_level=True, aux_weights=_zipf_weights,
-                          select=_batchtopk_select),
+    "mutual_choice": Arch(_batchtopk, "jumprelu", aux_weights=_zipf_weights, **_BATCHTOPK),
+    # Bussmann et al. 2025: BatchTopK over the whole dictionary, every prefix of nested groups reconstructs x.
+    # Inference θ as batchtopk: the BatchTopK paper's window mean (their Matryoshka reference uses an EMA).
+    "matryoshka_batchtopk": Arch(_batchtopk, "jumprelu", aux_weights=_dead_weights,
+                                 reconstruction=_matryoshka_reconstruction, check=_check_groups, **_BATCHTOPK),
 }

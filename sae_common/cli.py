@@ -125,6 +125,7 @@ def many(name: str, flag: str, kind: type) -> Callable:
 @many("l1_coeffs", "--l1-coeff", float)
 @many("l0_coeffs", "--l0-coeff", float)
 @many("lrs", "--lr", float)
+@many("group_fractions", "--group-fractions", float)
 @option(TrainConfig, "batch_size", type=int)
 @option(TrainConfig, "tokens", type=str, callback=_count)
 @option(TrainConfig, "seed", type=int)
@@ -145,7 +146,7 @@ def train(out: Path | None, **options: Any) -> None:
     """
     from sae_cache.train.run import train as run_train
 
-    for key in ("archs", "ks", "dict_sizes", "expansions", "l1_coeffs", "l0_coeffs", "lrs"):
+    for key in ("archs", "ks", "dict_sizes", "expansions", "l1_coeffs", "l0_coeffs", "lrs", "group_fractions"):
         if not options[key]:
             options[key] = default(TrainConfig, key)
     click.echo(str(run_train(TrainConfig(**options), out)))

@@ -17,6 +17,9 @@ HOOK_KINDS = {
     "attn_out": "blocks.{layer}.hook_attn_out",
 }
 
+# matryoshka_batchtopk's nested groups, as fractions of the dictionary (Matryoshka paper's main runs)
+MATRYOSHKA_GROUP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 
 
@@ -146,6 +149,8 @@ class TrainConfig:
     """none, standardize (per token, the BatchTopK reference) or scalar (E||x|| = sqrt(d), folded on export)."""
     dead_tokens: int = 5 * 4096
     """A latent is dead (and joins the auxiliary loss) after this many tokens without firing."""
+    group_fractions: tuple[float, ...] = MATRYOSHKA_GROUP_FRACTIONS
+    """matryoshka_batchtopk: nested groups of latents as fractions of the dictionary, summing to 1."""
     holdout_fraction: float = 0.02
     """Fraction of the cache (a tail of whole chunks) never trained on; evaluation reads it."""
     checkpoint_every: int = 10_000_000

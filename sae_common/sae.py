@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from sae_cache.sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
+from sae_cache.sae_common.config import MATRYOSHKA_GROUP_FRACTIONS
 from sae_cache.sae_common.errors import ConfigError
-from sae_cache.sae_common.sparse import Selection, gather_pre, sparse_decode
+from sae_cache.sae_common.sparse import Latents, Selection, gather_pre, sparse_decode
 
 INPUT_NORMS = ("none", "standardize", "scalar")
 
@@ -29,10 +30,11 @@ class SAEConfig:
     d_sae: int
     """Number of latents F (dictionary size)."""
     arch: str = "batchtopk"
-    """Architecture, a key of architectures.ARCHS: relu, topk, batchtopk, jumprelu, feature_choice, mutual_choice."""
+    """Architecture, a key of architectures.ARCHS: relu, topk, batchtopk, jumprelu, feature_choice, mutual_choice,
+    matryoshka_batchtopk."""
     k: int = 32
     """Active latents per token: exactly k (topk), k on average over the batch (batchtopk, feature_choice,
-    mutual_choice). Unused by relu and jumprelu. BatchTopK paper: k in {16, 32, 64}."""
+    mutual_choice, matryoshka_batchtopk). Unused by relu and jumprelu. BatchTopK paper: k in {16, 32, 64}."""
     l1_coeff: float = 0.01
     """relu: weight of the L1 penalty sum_f f_i·‖W_dec,i‖ (the reference's relu test case uses 0.01; sweep it)."""
     l0_coeff: float = 0.002
@@ -40,7 +42,13 @@ class SAEConfig:
     aux_k: int = 512
     """Latents per token in the auxiliary reconstruction (AuxK, aux_zipf): Gao et al. 2024 / BatchTopK paper."""
     aux_coeff: float = 1 / 32
-    """Weight of the auxiliary loss (Gao et al. 2024 / BatchTopK paper: 1/32)."""
+    """Weight of the auxiliary loss (Gao et al. 2024 / BatchTopK paper: 1/32). Its scale: the auxiliary loss is
+    the plain mean of (ê − e)² over the B·D elements, as in the BatchTopK reference; Gao et al. divide it (and
+    the main MSE) by the variance of its target, which makes 1/32 weigh it more when residuals are small
+    (aux_normalised)."""
+    aux_normalised: bool = False
+    """Gao et al.'s form of the auxiliary loss: divided by the variance of the residual it reconstructs,
+    mean((ê − e)²) / mean((e − mean_b e)²). (The main MSE is left as it is.)"""
     dead_tokens: int = 5 * 4096
     """A latent is dead once it has not fired for this many training tokens (reference: 5 batches of 4096)."""
     bandwidth: float = 0.05
@@ -55,8 +63,12 @@ class SAEConfig:
     batches' smallest kept activation) and, as an EMA with that time constant, for each latent's density.
     Recent batches only: θ drifts as the SAE trains, and an average reaching back into early training sets
     it too high (inference L0 then falls short of k). 100 batches are 400k tokens at the paper's batch size."""
-    zipf_exponent: float = 1.0
-    """feature_choice, mutual_choice: exponent α of the Zipf law behind aux_zipf_loss's target densities."""
+    zipf_exponent: float | None = None
+    """feature_choice, mutual_choice: exponent α of the Zipf law r^(−α) fitted to the latent densities in
+    aux_zipf_loss; None fits it too (least squares in log-log), a number fixes it and fits only the scale."""
+    group_fractions: tuple[float, ...] = MATRYOSHKA_GROUP_FRACTIONS
+    """matryoshka_batchtopk: the nested groups of latents, as fractions of d_sae that sum to 1 (Matryoshka
+    paper's main runs: 1/16, 1/16, 1/8, 1/4, 1/2)."""
     input_norm: str = "scalar"
     """none; standardize (per token (x-mean)/(std+1e-5), the BatchTopK reference's input_unit_norm); or
     scalar (one factor s with E‖s·x‖ = sqrt(d_in), set by set_input_scale; folded into the weights on export)."""
@@ -77,6 +89,11 @@ class SAEConfig:
         for name in ("bandwidth", "jumprelu_init_threshold"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.zipf_exponent is not None and not self.zipf_exponent > 0:
+            raise ConfigError(f"zipf_exponent must be > 0 (or None: fitted), got {self.zipf_exponent!r}")
+        object.__setattr__(self, "group_fractions", tuple(self.group_fractions))  # a JSON record gives a list
+        if ARCHS[self.arch].check:
+            ARCHS[self.arch].check(self)
 
 
 @dataclass
@@ -85,8 +102,9 @@ class SAEOutput:
 
     x_hat: Tensor  # [B, D] reconstruction in raw (input) space
     acts: Tensor | None  # [B, F] sparse latent activations (None on the sparse training path)
-    loss: Tensor  # mse + penalty + aux: what the optimiser minimises
-    mse: Tensor  # mean over all B*D elements (the reference's convention)
+    loss: Tensor  # recon + penalty + aux: what the optimiser minimises
+    recon: Tensor  # the reconstruction loss: mse, or for matryoshka the mean of its prefixes' MSEs
+    mse: Tensor  # of the full reconstruction, mean over all B*D elements (the reference's convention; detached)
     penalty: Tensor  # sparsity penalty (relu: L1, jumprelu: L0), else 0
     aux: Tensor  # auxiliary loss (AuxK, aux_zipf), else 0
     l0: Tensor  # mean active latents per token (detached)
@@ -193,70 +211,67 @@ class SAE(nn.Module):
     def forward(self, x_BD: Tensor, batch_mode: bool | None = None) -> SAEOutput:
         """Encode, decode and the loss terms. In training mode also records the batch (update_stats) first,
         so the dead-latent mask of this batch's auxiliary loss includes it (as the reference does).
-        Training the TopK family takes the sparse path (same values, O(k·B·d) after the encoder GEMM)."""
+        Training the TopK family takes the sparse path (same values, O(k·B·d) after the encoder GEMM): the
+        encoder GEMM runs without a graph, and only the k·B kept entries carry gradients (sparse.py)."""
+        xn_BD, (shift, scale) = self.normalize(x_BD)
         if self.training and self.sparse_training and self.arch.select is not None and batch_mode is not False:
-            return self._forward_sparse(x_BD)
-        xn_BD, (shift, scale) = self.normalize(x_BD)
-        pre_BF = self.pre_activations(xn_BD)
-        acts_BF = self.activate(pre_BF, batch_mode)
-        xhat_n_BD = acts_BF @ self.W_dec + self.b_dec
-        if self.training:
-            self.update_stats(acts_BF.detach())
-        zero = xn_BD.new_zeros(())
-        mse = (xhat_n_BD - xn_BD).pow(2).mean()
-        penalty = self.arch.penalty(self, pre_BF, acts_BF) if self.arch.penalty else zero
-        aux = zero
-        if self.arch.aux_weights is not None:
-            aux = self.cfg.aux_coeff * aux_reconstruction_loss(pre_BF, self.arch.aux_weights(self), self.W_dec,
-                                                               xn_BD - xhat_n_BD, self.cfg.aux_k)
-        l0 = (acts_BF > 0).sum(-1).float().mean()
-        return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=acts_BF, loss=mse + penalty + aux, mse=mse,
-                         penalty=penalty, aux=aux, l0=l0)
-
-    def _forward_sparse(self, x_BD: Tensor) -> SAEOutput:
-        """forward() in training for architectures with `select`: the encoder GEMM runs without a graph, and
-        only the k·B kept entries carry gradients (sparse.py). `acts` is None here: nothing [B, F]-sized is
-        built after the encoder."""
-        xn_BD, (shift, scale) = self.normalize(x_BD)
-        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        with torch.no_grad():
+            b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+            with torch.no_grad():
+                pre_BF = self.pre_activations(xn_BD)
+                # selecting on pre rather than relu(pre) keeps the same positives (the rest are zeroed below)
+                sel = Selection(self.arch.select(self, pre_BF), pre_BF.shape)
+            vals_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu()
+            latents = Latents(vals_N=vals_N, sel=sel)
+            self.record_batch(x_BD.shape[0], sel.rows, sel.cols, vals_N.detach())
+        else:
             pre_BF = self.pre_activations(xn_BD)
-            # selecting on pre rather than relu(pre) keeps the same positives (the rest are zeroed below)
-            sel = Selection(self.arch.select(self, pre_BF), pre_BF.shape)
-        vals_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu()
-        xhat_n_BD = sparse_decode(vals_N, self.W_dec, sel) + self.b_dec
-        self.record_batch(x_BD.shape[0], sel.rows, sel.cols, vals_N.detach())
+            latents = Latents(acts_BF=self.activate(pre_BF, batch_mode))
+            if self.training:
+                self.update_stats(latents.acts_BF.detach())
+        return self._losses(xn_BD, pre_BF, latents, shift, scale)
+
+    def _losses(self, xn_BD: Tensor, pre_BF: Tensor, latents: Latents, shift: Tensor, scale: Tensor) -> SAEOutput:
+        """The loss, assembled once for both paths: the architecture's reconstruction loss, its penalty (dense
+        path only), and the auxiliary loss on the residual of the full reconstruction."""
+        xhat_n_BD, recon = self.arch.reconstruction(self, latents, xn_BD)
         zero = xn_BD.new_zeros(())
-        mse = (xhat_n_BD - xn_BD).pow(2).mean()
+        penalty = self.arch.penalty(self, pre_BF, latents.acts_BF) if self.arch.penalty else zero
         aux = zero
         if self.arch.aux_weights is not None:
-            aux = self._aux_sparse(pre_BF, xn_BD, b_dec, (xn_BD - xhat_n_BD).detach())
-        l0 = (vals_N > 0).sum().float() / x_BD.shape[0]
-        return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=None, loss=mse + aux, mse=mse, penalty=zero,
-                         aux=aux, l0=l0)
+            aux = self._aux(pre_BF, xn_BD, (xn_BD - xhat_n_BD).detach(), dense=latents.acts_BF is not None)
+        with torch.no_grad():
+            mse = (xhat_n_BD - xn_BD).pow(2).mean()
+        return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=latents.acts_BF, loss=recon + penalty + aux,
+                         recon=recon, mse=mse, penalty=penalty, aux=aux, l0=latents.l0())
 
-    def _aux_sparse(self, pre_BF: Tensor, xn_BD: Tensor, b_dec: Tensor | None, residual_BD: Tensor) -> Tensor:
-        """The auxiliary loss on the sparse path. With C candidate latents (dead or under-used) a dense
-        [B, C] computation costs ~4·B·C·d at GEMM speed, the sparse one ~4·B·aux_k·d at gather speed (an
-        order of magnitude slower per FLOP): dense unless candidates far outnumber aux_k."""
+    def _aux(self, pre_BF: Tensor, xn_BD: Tensor, residual_BD: Tensor, dense: bool) -> Tensor:
+        """aux_coeff · the auxiliary loss (AuxK or aux_zipf). On the dense path pre_BF carries the graph; on the
+        sparse one it has none, and with C candidate latents (dead or under-used) a dense [B, C] recomputation
+        costs ~4·B·C·d at GEMM speed, the sparse one ~4·B·aux_k·d at gather speed (an order of magnitude slower
+        per FLOP): dense unless candidates far outnumber aux_k."""
         weight_F = self.arch.aux_weights(self)
         cand_C = (weight_F > 0).nonzero().squeeze(1)
         if len(cand_C) == 0:
             return xn_BD.new_zeros(())
-        if len(cand_C) < 16 * self.cfg.aux_k:
-            x_in_BD = xn_BD - b_dec if b_dec is not None else xn_BD
-            pre_BC = x_in_BD @ self.W_enc[:, cand_C] + self.b_enc[cand_C]
-            return self.cfg.aux_coeff * aux_reconstruction_loss(pre_BC, weight_F[cand_C], self.W_dec[cand_C],
-                                                                residual_BD, self.cfg.aux_k)
-        B, F = pre_BF.shape
-        with torch.no_grad():  # the aux_k best weighted candidates of each token, as flat indices
-            scores_BC = pre_BF[:, cand_C].relu() * weight_F[cand_C]
-            idx_BA = scores_BC.topk(self.cfg.aux_k, dim=-1, sorted=False).indices
-            flat = torch.arange(B, device=pre_BF.device)[:, None] * F + cand_C[idx_BA]
-            sel = Selection(flat.flatten().sort().values, (B, F))
-        v_A = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu() * weight_F[sel.cols]
-        e_hat_BD = sparse_decode(v_A, self.W_dec, sel)
-        return self.cfg.aux_coeff * (e_hat_BD - residual_BD).pow(2).mean()
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        if dense or len(cand_C) < 16 * self.cfg.aux_k:
+            if dense:
+                pre_BC = pre_BF[:, cand_C]
+            else:
+                pre_BC = (xn_BD - b_dec if b_dec is not None else xn_BD) @ self.W_enc[:, cand_C] + self.b_enc[cand_C]
+            aux = aux_reconstruction_loss(pre_BC, weight_F[cand_C], self.W_dec[cand_C], residual_BD, self.cfg.aux_k)
+        else:
+            B, F = pre_BF.shape
+            with torch.no_grad():  # the aux_k best weighted candidates of each token, as flat indices
+                scores_BC = pre_BF[:, cand_C].relu() * weight_F[cand_C]
+                idx_BA = scores_BC.topk(self.cfg.aux_k, dim=-1, sorted=False).indices
+                flat = torch.arange(B, device=pre_BF.device)[:, None] * F + cand_C[idx_BA]
+                sel = Selection(flat.flatten().sort().values, (B, F))
+            v_A = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu() * weight_F[sel.cols]
+            aux = (sparse_decode(v_A, self.W_dec, sel) - residual_BD).pow(2).mean()
+        if self.cfg.aux_normalised:  # Gao et al. 2024: relative to the variance of the residual
+            aux = aux / (residual_BD - residual_BD.mean(0)).pow(2).mean().clamp_min(1e-12)
+        return self.cfg.aux_coeff * aux
 
     # ------------------------------------------------------------ decoder constraint
 

@@ -31,6 +31,10 @@ class Selection:
         self.offsets = _offsets(self.rows, B)
         self._t: tuple[Tensor, Tensor, Tensor] | None = None
 
+    def subset(self, keep_N: Tensor) -> "Selection":
+        """The kept entries where keep_N is True (still sorted row-major)."""
+        return Selection((self.rows * self.shape[1] + self.cols)[keep_N], self.shape)
+
     def by_column(self) -> tuple[Tensor, Tensor, Tensor]:
         """(order, rows in column-major order, column offsets): the transpose, computed once."""
         if self._t is None:
@@ -93,6 +97,30 @@ def sparse_decode(vals_N: Tensor, W_dec: Tensor, sel: Selection) -> Tensor:
     from embedding_bag's backward (only the kept entries and rows)."""
     with torch.autocast(W_dec.device.type, enabled=False):  # sparse products in the weights' dtype (float32)
         return bag_sum(W_dec, sel.cols, sel.offsets, vals_N.to(W_dec.dtype))
+
+
+class Latents:
+    """A batch's latents as the loss sees them, on either path: dense [B, F] (`acts_BF`), or the kept values
+    of a Selection (`vals_N`, `sel`). Reconstruction losses call `decode`, so they are written once for both."""
+
+    def __init__(self, acts_BF: Tensor | None = None, vals_N: Tensor | None = None, sel: Selection | None = None):
+        assert (acts_BF is None) != (sel is None) and (vals_N is None) == (sel is None), "dense or sparse, not both"
+        self.acts_BF, self.vals_N, self.sel = acts_BF, vals_N, sel
+
+    def decode(self, W_dec_FD: Tensor, lo: int = 0, hi: int | None = None) -> Tensor:
+        """[B, D]: Σ_f f_bf · W_dec,f over the latents lo <= f < hi (all by default), without b_dec."""
+        if self.acts_BF is not None:
+            return self.acts_BF[:, lo:hi] @ W_dec_FD[lo:hi]
+        if lo == 0 and (hi is None or hi >= self.sel.shape[1]):
+            return sparse_decode(self.vals_N, W_dec_FD, self.sel)
+        keep_N = (self.sel.cols >= lo) & (self.sel.cols < (self.sel.shape[1] if hi is None else hi))
+        return sparse_decode(self.vals_N[keep_N], W_dec_FD, self.sel.subset(keep_N))
+
+    def l0(self) -> Tensor:
+        """Mean active latents per token (detached)."""
+        if self.acts_BF is not None:
+            return (self.acts_BF.detach() > 0).sum(-1).float().mean()
+        return (self.vals_N.detach() > 0).sum().float() / self.sel.shape[0]
 
 
 def densify(rows_N: Tensor, cols_N: Tensor, vals_N: Tensor, shape: tuple[int, int]) -> Tensor:

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from sae_cache.sae_common.architectures import (ARCHS, aux_reconstruction_loss, batch_topk, feature_choice, rectangle,
-                                      zipf_underuse_weights)
+from sae_cache.sae_common.architectures import (ARCHS, aux_reconstruction_loss, batch_topk, feature_choice,
+                                                plain_reconstruction, rectangle)
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae import SAE, SAEConfig
 
@@ -55,7 +55,9 @@ def test_contract(arch):
     out = sae(x)
     assert out.acts.shape == (B, F) and out.x_hat.shape == (B, D)
     assert (out.acts >= 0).all() and out.l0 > 0
-    torch.testing.assert_close(out.loss, out.mse + out.penalty + out.aux)
+    torch.testing.assert_close(out.loss, out.recon + out.penalty + out.aux)
+    if sae.arch.reconstruction is plain_reconstruction:  # the reconstruction loss is the MSE of x̂
+        torch.testing.assert_close(out.recon, out.mse)
     out.loss.backward()
     for name in ("W_enc", "W_dec", "b_dec"):
         grad = getattr(sae, name).grad
@@ -190,17 +192,6 @@ def test_aux_loss_detaches_the_residual():
     assert residual_BD.grad is None and pre_BF.grad[:, 10:].abs().sum() == 0 and pre_BF.grad.abs().sum() > 0
 
 
-def test_zipf_weights():
-    density_F = torch.tensor([0.5, 0.0, 0.2, 0.01])  # ranks 1, 4, 2, 3
-    dead_F = torch.tensor([False, False, False, True])
-    k = 1.0
-    target = k * torch.tensor([1, 1 / 4, 1 / 2, 1 / 3]) / (1 + 1 / 2 + 1 / 3 + 1 / 4)
-    expected = (1 - density_F / target).clamp(0, 1)
-    expected[3] = 1.0  # dead
-    torch.testing.assert_close(zipf_underuse_weights(density_F, dead_F, k, 1.0), expected)
-    assert expected[0] == 0 and 0 < expected[2] < 1
-
-
 def test_auxk_reconstructs_the_residual_from_dead_latents():
     sae = make_sae("topk")
     x = batch(0)
@@ -216,6 +207,23 @@ def test_auxk_reconstructs_the_residual_from_dead_latents():
     e_hat_BD = torch.relu(sae.pre_activations(xn_BD)[:, silent_F]) @ sae.W_dec[silent_F]
     expected = (e_hat_BD - (xn_BD - out.x_hat * sae.input_scale)).pow(2).mean() / 32
     torch.testing.assert_close(out.aux, expected)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_normalised_auxk_is_divided_by_the_residual_variance(sparse):
+    """aux_normalised (Gao et al. 2024): the same auxiliary loss divided by mean((e − mean_b e)²), e = x − x̂."""
+    x = batch(0)
+    outs = {}
+    for normalised in (False, True):
+        sae = make_sae("topk", aux_normalised=normalised, input_norm="none")
+        sae.sparse_training = sparse
+        with torch.no_grad():
+            sae.tokens_since_fired[: F // 2] = sae.cfg.dead_tokens  # half the latents dead
+        outs[normalised] = sae.train()(x)
+    residual_BD = x - outs[True].x_hat
+    variance = (residual_BD - residual_BD.mean(0)).pow(2).mean()
+    assert outs[False].aux > 0 and abs(variance - 1) > 0.1  # the division changes the value
+    torch.testing.assert_close(outs[True].aux, outs[False].aux / variance)
 
 
 # ---------------------------------------------------------------- shared machinery
@@ -298,3 +306,34 @@ def test_k_is_ignored_by_architectures_without_k():
 def test_set_input_scale_needs_scalar_norm():
     with pytest.raises(ValueError, match="input_norm='scalar'"):
         make_sae("topk", input_norm="none").set_input_scale(batch(0))
+
+
+def test_matryoshka_resumes_exactly_from_a_checkpoint(tmp_path):
+    """Six steps in one go equal three, a checkpoint (weights, buffers, Adam state), a fresh SAE, three more."""
+    from sae_cache.train.checkpoint import load_checkpoint, save_checkpoint
+    from sae_cache.train.trainer import Member
+
+    def member() -> Member:
+        sae = make_sae("matryoshka_batchtopk", dead_tokens=2 * B, aux_k=4)
+        sae.sparse_training = True
+        sae.set_input_scale(batch(100, 256))
+        return Member("m", sae, torch.optim.Adam(sae.parameters(), lr=1e-2, betas=(0.9, 0.99)))
+
+    whole, first = member(), member()
+    for i in range(6):
+        whole.step(batch(1000 + i))
+    for i in range(3):
+        first.step(batch(1000 + i))
+    (tmp_path / "m").mkdir()
+    save_checkpoint(tmp_path, [first], 3, {})
+    resumed = member()
+    load_checkpoint(tmp_path, [resumed], 3)
+    for i in range(3, 6):
+        resumed.step(batch(1000 + i))
+    assert whole.sae.dead_mask().any()  # the auxiliary loss took part
+    for (name, a), (_, b) in zip(resumed.sae.state_dict().items(), whole.sae.state_dict().items()):
+        if a.is_floating_point():  # the same operations on the same values: equal up to reduction order at most
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(a, b), name
+    torch.testing.assert_close(resumed.sae.inference_threshold(), whole.sae.inference_threshold(), rtol=1e-6, atol=0)

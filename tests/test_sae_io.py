@@ -16,7 +16,7 @@ from sae_cache.sae_common.sae_io import load_record, load_sae, save_sae
 
 D, F, B, K = 16, 64, 32, 4
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
-                "feature_choice": "jumprelu", "mutual_choice": "jumprelu"}
+                "feature_choice": "jumprelu", "mutual_choice": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
 V6_KEYS = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
            "reshape_activations", "metadata"}
 

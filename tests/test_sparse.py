@@ -14,7 +14,8 @@ B, D, F, K = 64, 16, 96, 4
 
 
 def test_every_topk_family_architecture_has_the_sparse_path():
-    assert set(SPARSE_ARCHS) == {"topk", "batchtopk", "feature_choice", "mutual_choice"}
+    assert set(SPARSE_ARCHS) == {"topk", "batchtopk", "feature_choice", "mutual_choice",
+                                 "matryoshka_batchtopk"}
 
 
 @pytest.mark.parametrize("shape,n_keep", [((4096, 3000), 4096 * 8), ((64, 96), 256), ((7, 5), 30), ((512, 2048), 512)])

@@ -1,13 +1,15 @@
 """A sweep: the SAEs one training run trains together, from the list fields of a TrainConfig.
 
-Each architecture varies only over the hyper-parameters it uses (k for the k-architectures, the L1
-coefficient for relu, the L0 coefficient for jumprelu), so `--arch relu,topk --k 16,32` is 1 + 2 SAEs, not 4.
+Each architecture varies only over the hyper-parameters its registry entry sweeps (`Arch.sweeps`: k for the
+k-architectures, the L1 coefficient for relu, the L0 coefficient for jumprelu), so `--arch relu,topk --k 16,32`
+is 1 + 2 SAEs, not 4. Run names are `<arch>-<tag of each swept value>-<d_sae>[-lr<lr>]`. Every other TrainConfig
+field that is also an SAEConfig field (input_norm, dead_tokens, group_fractions, ...) is passed to every SAE.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from sae_cache.sae_common.architectures import ARCHS
 from sae_cache.sae_common.config import TrainConfig
@@ -26,26 +28,30 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def shared_settings(cfg: TrainConfig) -> dict:
+    """The TrainConfig fields that every SAE of the run gets as they are: those named as SAEConfig fields."""
+    sae_fields = {f.name for f in fields(SAEConfig)}
+    return {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.name in sae_fields}
+
+
 def expand(cfg: TrainConfig, d_in: int) -> list[SweepEntry]:
     """Every SAE of the run, in a fixed order (the order of the flags)."""
     for arch in cfg.archs:
         if arch not in ARCHS:
             raise ConfigError(f"unknown architecture {arch!r}; valid ones: {', '.join(ARCHS)}")
     sizes = list(cfg.dict_sizes) or [d_in * e for e in cfg.expansions]
+    shared = shared_settings(cfg)
     entries = []
     for arch, d_sae, lr in itertools.product(cfg.archs, sizes, cfg.lrs):
-        if arch == "relu":
-            variants = [({"l1_coeff": c}, f"l1_{_fmt(c)}") for c in cfg.l1_coeffs]
-        elif arch == "jumprelu":
-            variants = [({"l0_coeff": c}, f"l0_{_fmt(c)}") for c in cfg.l0_coeffs]
-        else:
-            variants = [({"k": k}, f"k{k}") for k in cfg.ks]
-        for extra, tag in variants:
-            if "k" in extra and extra["k"] >= d_sae:
-                raise ConfigError(f"k={extra['k']} must be smaller than the dictionary size {d_sae}")
-            name = f"{arch}-{tag}-{d_sae}" + (f"-lr{_fmt(lr)}" if len(cfg.lrs) > 1 else "")
-            sae = SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, input_norm=cfg.input_norm,
-                            dead_tokens=cfg.dead_tokens, **extra)
+        grids = [[(s.field, value, f"{s.tag}{_fmt(value)}") for value in getattr(cfg, s.values)]
+                 for s in ARCHS[arch].sweeps]
+        for variant in itertools.product(*grids):
+            swept = {name: value for name, value, _ in variant}
+            if ARCHS[arch].uses_k and swept["k"] >= d_sae:
+                raise ConfigError(f"k={swept['k']} must be smaller than the dictionary size {d_sae}")
+            name = "-".join([arch, *(tag for _, _, tag in variant), str(d_sae)])
+            name += f"-lr{_fmt(lr)}" if len(cfg.lrs) > 1 else ""
+            sae = SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, **shared, **swept)
             entries.append(SweepEntry(name, sae, lr))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
