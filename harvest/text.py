@@ -94,20 +94,21 @@ def open_documents(dataset: str, split: str, text_column: str, *, shuffle_buffer
 
 def _documents(ds: Iterable[dict], dataset: str, text_column: str) -> Iterator[str | Skipped]:
     """Each row's text, or a Skipped; an error while streaming (a hub dataset's network) names how far it got."""
-    index = 0
+    n_read = 0
     try:
-        for index, row in enumerate(ds):
-            text = row[text_column]
+        for row in ds:
+            n_read += 1
+            text = row.get(text_column)
             if isinstance(text, str):
                 yield text
             elif row.get("skipped") is not None:
                 yield Skipped(**row["skipped"])
-            else:
-                yield Skipped(dataset, "row", index + 1, f"{text_column!r} is {type(text).__name__}, not a string")
+            else:  # a hub dataset's row without text
+                yield Skipped(dataset, "row", n_read, f"{text_column!r} is {type(text).__name__}, not a string")
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - every shard written so far is kept; the rerun resumes
-        raise DataError(f"reading the dataset {dataset!r} failed after {index:,} documents: {type(e).__name__}: "
+        raise DataError(f"reading the dataset {dataset!r} failed after {n_read:,} documents: {type(e).__name__}: "
                         f"{e}; the cache keeps its complete shards: rerun the same command to resume") from e
 
 

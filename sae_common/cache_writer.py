@@ -70,10 +70,10 @@ class CacheWriter:
         lock_existed = (path / LOCK_FILE).exists()
         lock_fd = _acquire_lock(path)
         try:
-            _remove_partials(path)  # under the lock: no other writer can be mid-write
             existing = open_cache(path).meta if (path / "zarr.json").exists() else None
             if existing is None:
                 _refuse_foreign(path)  # --overwrite replaces a cache, never a folder of other files
+            _remove_partials(path)  # under the lock: no other writer can be mid-write
             if existing is None or overwrite or existing["n_tokens"] == 0:
                 # nothing to keep: a creation killed before its first shard was recorded, or --overwrite
                 _clear_except_lock(path)
@@ -200,8 +200,9 @@ def _remove_partials(path: Path) -> None:
 
 
 def _refuse_foreign(path: Path) -> None:
-    """Refuse to clear a directory that holds anything but what a cache's creation leaves before zarr.json."""
-    foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+    """Refuse to clear a directory that holds anything but what a cache's creation leaves before zarr.json is
+    in place: the lock, and zarr.json's own temporary file if it was killed writing it."""
+    foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE and not p.match("zarr.*.partial"))
     if foreign:
         raise CacheError(f"{path} is a directory that is not an activation cache (it holds {', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); choose another --out, or remove it yourself")

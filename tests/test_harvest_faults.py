@@ -144,10 +144,13 @@ def test_a_folder_of_other_files_is_never_cleared(checkpoints, corpus, tmp_path)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
+    (out / "download.partial").write_text("not the cache's")
     for extra in ([], ["--overwrite"]):
         result = invoke(*harvest_args(checkpoints["gpt2"], corpus, out, "--layer", 1, *extra))
-        assert result.exit_code == 1 and "is a directory that is not an activation cache (it holds notes.txt)" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+        assert result.exit_code == 1
+        assert "is a directory that is not an activation cache (it holds download.partial, notes.txt)" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["download.partial", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_a_killed_shard_writes_partial_files_are_removed_on_resume_and_never_counted(checkpoints, corpus, tmp_path,
@@ -173,3 +176,12 @@ def test_a_killed_shard_writes_partial_files_are_removed_on_resume_and_never_cou
     assert invoke(*args(out)).exit_code == 0
     assert not list(out.rglob("*.partial"))
     assert _shard_files(out) == _shard_files(tmp_path / "whole.zarr")
+
+
+def test_a_creation_killed_while_writing_its_metadata_is_taken_over(tmp_path):
+    out = tmp_path / "c.zarr"
+    out.mkdir()
+    (out / ".writer.lock").write_text("12345")  # the killed writer's lock file and zarr.json's temporary file
+    (out / "zarr.00112233445566778899aabbccddeeff.partial").write_text('{"zarr_format": 3, "node_')
+    write_cache(out, torch.randn(64, 4), context_size=16, rows_per_shard=32)
+    assert open_cache(out).n_tokens == 64 and not list(out.rglob("*.partial"))
