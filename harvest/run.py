@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -32,6 +33,10 @@ from sae_cache.sae_common.model import LoadedModel, load_model, resolve_device, 
 
 class HarvestError(UserError):
     """A harvest that cannot start or could not finish; the message says what was kept."""
+
+
+SKIPS_LISTED = 100  # skipped documents listed in the cache's metadata (all are counted)
+SKIPS_SHOWN = 10  # skipped documents named on the console per run
 
 
 def default_out(cfg: HarvestConfig, hooks: list[str], root: Path = DEFAULT_ROOT) -> Path:
@@ -111,13 +116,15 @@ def _write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], wri
                   console: Console) -> None:
     position = Position(**writer.meta["dataset"]["position"])
     docs = open_documents(cfg.dataset, cfg.split, cfg.text_column, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+    skipped: list[dict] = []  # documents that could not be read, appended in order by the tokenizing thread
     # Tokenizing runs a few batches ahead in its own thread (the tokenizer releases the GIL while it encodes).
-    contexts = background(pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position),
+    contexts = background(pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position, skipped),
                           depth=4 * cfg.batch_size, name="harvest-tokenize")
     rows_s = writer.meta["layout"]["rows_per_shard"]
     raw_row_bytes = len(hooks) * writer.meta["d_model"] * itemsize(cfg.dtype) + 4
     pending: Future | None = None
     stats = {"bytes": 0, "raw": 0}
+    n_skips = 0  # of `skipped`, how many the shards so far reach past
     done = writer.n_tokens
     with _progress(console) as progress, ThreadPoolExecutor(max_workers=1) as pool:
         task = progress.add_task("harvest", total=n_target, completed=done, written="0.0 MB", ratio="-")
@@ -129,19 +136,52 @@ def _write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], wri
                 _account(pending, stats, progress, task)
                 pending = None
             if len(tokens):
-                pending = pool.submit(_write, writer, acts, tokens, position, raw_row_bytes)
+                skips = _skips_before(skipped, n_skips, position)
+                _show_skips(console, skips, n_skips)
+                n_skips += len(skips)
+                pending = pool.submit(_write, writer, acts, tokens, position, skips, raw_row_bytes)
                 done += len(tokens)
             if len(tokens) < rows:
                 break  # the dataset ran out
         if pending is not None:
             _account(pending, stats, progress, task)
+    if writer.n_tokens == 0:
+        raise HarvestError(f"the dataset {cfg.dataset!r} holds less than one context ({cfg.context_size} tokens) of "
+                           "readable text; nothing was written")
+    skip_note = _skip_summary(writer.meta["dataset"])
     if writer.n_tokens < n_target:
         writer.finish(complete=False, exhausted=True)
         raise HarvestError(f"the dataset {cfg.dataset!r} ran out after {writer.n_tokens:,} tokens "
-                           f"({n_target:,} asked for); the cache keeps those {writer.n_tokens:,} tokens")
+                           f"({n_target:,} asked for); the cache keeps those {writer.n_tokens:,} tokens{skip_note}")
     writer.finish(complete=True)
     console.print(f"[green]done[/]: {writer.n_tokens:,} tokens, {stats['bytes'] / 1e6:,.1f} MB on disk "
-                  f"(compression {stats['raw'] / max(stats['bytes'], 1):.2f}x)")
+                  f"(compression {stats['raw'] / max(stats['bytes'], 1):.2f}x){escape(skip_note)}")
+
+
+def _skips_before(skipped: list[dict], taken: int, position: Position) -> list[dict]:
+    """The skipped documents after the first `taken` that a shard ending at `position` reaches past: those
+    before position.doc (a skipped document has no tokens, so no context ends in it). This depends only on the
+    position, never on how far ahead the tokenizing thread is, so every run records the same."""
+    end = taken
+    while end < len(skipped) and skipped[end]["doc"] < position.doc:
+        end += 1
+    return skipped[taken:end]
+
+
+def _show_skips(console: Console, skips: list[dict], shown_before: int) -> None:
+    for i, skip in enumerate(skips, start=shown_before):
+        if i < SKIPS_SHOWN:
+            where = ", ".join(f"{k} {v}" for k, v in skip.items() if k not in ("doc", "file", "reason"))
+            console.print(f"[yellow]skipped[/] document {skip['doc']:,} ({escape(skip['file'])}, {where}): "
+                          f"{escape(skip['reason'])}")
+        elif i == SKIPS_SHOWN:
+            console.print("[yellow]skipping more unreadable documents[/]; the cache's metadata counts them all")
+
+
+def _skip_summary(dataset_meta: dict) -> str:
+    count = dataset_meta.get("skipped", {}).get("count", 0)
+    return (f"; {count:,} unreadable document(s) were skipped (listed under dataset.skipped in "
+            "`sae cache info --json`)") if count else ""
 
 
 def _gather_shard(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], contexts: Iterator, rows: int,
@@ -173,8 +213,14 @@ def _gather_shard(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], con
     return {h: a[:end] for h, a in acts.items()}, tokens[:end], position
 
 
-def _write(writer: CacheWriter, acts, tokens, position: Position, raw_row_bytes: int) -> tuple[int, int]:
-    progress = {"dataset": {**writer.meta["dataset"], "position": {"doc": position.doc, "offset": position.offset}}}
+def _write(writer: CacheWriter, acts, tokens, position: Position, skips: list[dict],
+           raw_row_bytes: int) -> tuple[int, int]:
+    dataset = {**writer.meta["dataset"], "position": {"doc": position.doc, "offset": position.offset}}
+    if skips or "skipped" in dataset:  # recorded with the shard, so a resumed run continues the same record
+        before = dataset.get("skipped", {"count": 0, "documents": []})
+        dataset["skipped"] = {"count": before["count"] + len(skips),
+                              "documents": (before["documents"] + skips)[:SKIPS_LISTED]}
+    progress = {"dataset": dataset}
     try:
         written = writer.write_shard(acts, tokens, progress)
     except OSError as e:

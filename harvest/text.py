@@ -4,6 +4,7 @@ Documents are tokenized without special tokens, each followed by a separator (EO
 has no EOS), concatenated, and cut into contexts of `context_size` tokens; with `prepend_bos` each context is
 BOS + (context_size - 1) tokens. A context's position is (document index, token offset into that document's
 tokens incl. its separator) of its first non-BOS token, so resuming skips documents without tokenizing them.
+A document that could not be read (`Skipped`) keeps its index and contributes no tokens, not even a separator.
 """
 
 from __future__ import annotations
@@ -15,18 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_cache.sae_common.errors import UserError
+from sae_cache.harvest.local_files import SUFFIXES, DataError, Skipped, read_rows
+from sae_cache.harvest.local_files import columns as local_columns
 from sae_cache.sae_common.model import ASSETS
 
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_GROUP = 64  # documents tokenized per call (fast tokenizers batch well)
 # Text shipped with the project (scripts/train_tiny_lm.py): stdlib prose the built-in model never trained on,
 # one document per paragraph.
 BUILTIN_DATASETS = {"stdlib-sample": ASSETS / "stdlib-sample.txt"}
-
-
-class DataError(UserError):
-    """A dataset that cannot be found or read, or lacks the text column."""
 
 
 @dataclass(frozen=True)
@@ -41,9 +38,9 @@ def local_files(dataset: str) -> list[str] | None:
         return [str(BUILTIN_DATASETS[dataset])]
     path = Path(dataset).expanduser()
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:
-            raise DataError(f"the folder {dataset} holds no {', '.join(BUILDERS)} files")
+            raise DataError(f"the folder {dataset} holds no {', '.join(SUFFIXES)} files")
         return files
     if path.is_file():
         return [str(path)]
@@ -52,41 +49,67 @@ def local_files(dataset: str) -> list[str] | None:
         if not files:
             raise DataError(f"no files match {dataset}")
         return files
-    if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in BUILDERS:
+    if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in SUFFIXES:
         raise DataError(f"{dataset} does not exist")
     return None
 
 
 def open_documents(dataset: str, split: str, text_column: str, *, shuffle_buffer: int = 0,
-                   seed: int = 0) -> Iterable[str]:
-    """A stream of document texts from a hub dataset (streamed) or local files, in a fixed order."""
+                   seed: int = 0) -> Iterable[str | Skipped]:
+    """A stream of document texts from a hub dataset (streamed) or local files, in a fixed order. A local
+    document that cannot be read is a `Skipped` in its place (local_files.py)."""
     import datasets
 
     files = local_files(dataset)
     try:
         if files is not None:
             suffixes = {Path(f).suffix for f in files}
-            if len(suffixes) != 1 or next(iter(suffixes)) not in BUILDERS:
+            if len(suffixes) != 1 or next(iter(suffixes)) not in SUFFIXES:
                 raise DataError(f"{dataset} mixes or has unsupported file types {sorted(suffixes)}; "
-                                f"use one of {', '.join(BUILDERS)}")
-            builder = BUILDERS[suffixes.pop()]
-            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+                                f"use one of {', '.join(SUFFIXES)}")
+            found = local_columns(files[0])
+            if text_column not in found:
+                raise DataError(f"the dataset {dataset!r} has no column {text_column!r}; its columns are: "
+                                f"{', '.join(found) or 'none readable'}. Choose one with --text-column")
+            ds = datasets.IterableDataset.from_generator(read_rows, gen_kwargs={"files": files,
+                                                                                "text_column": text_column})
+            text_column = "text"  # read_rows' rows hold the chosen column under this name
+            first = next((row for row in ds if row["skipped"] is None), None)
         else:
             ds = datasets.load_dataset(dataset, split=split, streaming=True)
-        first = next(iter(ds), None)
+            first = next(iter(ds), None)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - network, unknown id, bad split: the reason is the message
         raise DataError(f"cannot read the dataset {dataset!r} (split {split!r}): {type(e).__name__}: {e}") from e
     if first is None:
-        raise DataError(f"the dataset {dataset!r} (split {split!r}) is empty")
+        raise DataError(f"the dataset {dataset!r} (split {split!r}) has no readable document")
     if text_column not in first:
         raise DataError(f"the dataset {dataset!r} has no column {text_column!r}; its columns are: "
                         f"{', '.join(first)}. Choose one with --text-column")
     if shuffle_buffer:
         ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-    return (row[text_column] for row in ds)
+    return _documents(ds, dataset, text_column)
+
+
+def _documents(ds: Iterable[dict], dataset: str, text_column: str) -> Iterator[str | Skipped]:
+    """Each row's text, or a Skipped; an error while streaming (a hub dataset's network) names how far it got."""
+    n_read = 0
+    try:
+        for row in ds:
+            n_read += 1
+            text = row.get(text_column)
+            if isinstance(text, str):
+                yield text
+            elif row.get("skipped") is not None:
+                yield Skipped(**row["skipped"])
+            else:  # a hub dataset's row without text
+                yield Skipped(dataset, "row", n_read, f"{text_column!r} is {type(text).__name__}, not a string")
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every shard written so far is kept; the rerun resumes
+        raise DataError(f"reading the dataset {dataset!r} failed after {n_read:,} documents: {type(e).__name__}: "
+                        f"{e}; the cache keeps its complete shards: rerun the same command to resume") from e
 
 
 def separator_id(tokenizer: Any) -> int:
@@ -96,9 +119,11 @@ def separator_id(tokenizer: Any) -> int:
     return int(sep)
 
 
-def pack_contexts(docs: Iterable[str], tokenizer: Any, context_size: int, prepend_bos: bool,
-                  start: Position = Position()) -> Iterator[tuple[list[int], Position]]:
-    """Yield (context token ids, position of the NEXT context) from `start` on."""
+def pack_contexts(docs: Iterable[str | Skipped], tokenizer: Any, context_size: int, prepend_bos: bool,
+                  start: Position = Position(), skipped: list[dict] | None = None
+                  ) -> Iterator[tuple[list[int], Position]]:
+    """Yield (context token ids, position of the NEXT context) from `start` on. Each Skipped document is
+    appended to `skipped` as {"doc": index, ...its record} before any context after it is yielded."""
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
         raise DataError("--prepend-bos needs a tokenizer with a BOS token; this one has none (use --no-prepend-bos)")
@@ -108,9 +133,14 @@ def pack_contexts(docs: Iterable[str], tokenizer: Any, context_size: int, prepen
     buf: list[int] = []
     docs = itertools.islice(docs, start.doc, None)  # skipping documents costs no tokenization
     for group_start, group in _groups(docs, start.doc):
-        encoded = tokenizer(group, add_special_tokens=False)["input_ids"]
-        for doc, ids in enumerate(encoded, start=group_start):
-            ids = ids + [sep]
+        texts = [d for d in group if isinstance(d, str)]
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        for doc, text in enumerate(group, start=group_start):
+            if not isinstance(text, str):
+                if skipped is not None:
+                    skipped.append({"doc": doc, **text.record()})
+                continue
+            ids = next(encoded) + [sep]
             offset = start.offset if doc == start.doc else 0
             ids = ids[offset:]
             carried = len(buf)
@@ -123,7 +153,7 @@ def pack_contexts(docs: Iterable[str], tokenizer: Any, context_size: int, prepen
             del buf[:n_full * body]
 
 
-def _groups(docs: Iterable[str], first_index: int) -> Iterator[tuple[int, list[str]]]:
+def _groups(docs: Iterable[str | Skipped], first_index: int) -> Iterator[tuple[int, list[str | Skipped]]]:
     it = iter(docs)
     index = first_index
     while group := list(itertools.islice(it, TOKENIZE_GROUP)):

@@ -10,6 +10,7 @@ chunk/shard sizing and verification.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,8 @@ class Cache:
         return from_storage(self.acts(hook)[start:stop], self.dtype)
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes of the cache's files; a killed write's `*.partial` temporary files are not the cache's."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file() and f.suffix != ".partial")
 
 
 def open_cache(path: str | Path) -> Cache:
@@ -188,8 +190,17 @@ def verify(cache: Cache, checksums: bool = True) -> list[str]:
 
 
 def find_caches(root: str | Path) -> list[Path]:
-    """All caches under `root`, newest first (by last modification of their metadata)."""
-    found = [p.parent for p in Path(root).rglob("zarr.json") if p.parent.suffix == ".zarr"]
+    """The caches under `root` that hold tokens, newest first (by last modification of their metadata). Empty
+    ones (0 tokens: left by a harvest that failed before its first shard, before harvests removed them) and
+    directories that are not caches are passed over: `sae train` without --cache must not pick them."""
+    found = []
+    for p in Path(root).rglob("zarr.json"):
+        try:
+            meta = json.loads(p.read_text()).get("attributes", {}).get(ATTRS_KEY) if p.parent.suffix == ".zarr" else None
+        except (OSError, ValueError):  # unreadable: not something train could use
+            continue
+        if meta is not None and meta.get("n_tokens") != 0:  # another format version stays, for its message
+            found.append(p.parent)
     return sorted(found, key=lambda p: (p / "zarr.json").stat().st_mtime, reverse=True)
 
 

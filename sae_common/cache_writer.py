@@ -5,6 +5,11 @@ absent. Arrays grow one shard at a time and the attributes (with the shard's che
 dataset it reached) are rewritten atomically after the shard's files are written, so a crash at any point
 leaves a cache that reads as the shards recorded so far. Writers only write whole shards: zarr-python loses
 data when parts of one shard are written concurrently. One writer at a time per cache, enforced by a lock.
+
+The Zarr group is created with the first shard, and a writer closed before recording anything removes what it
+made: a harvest that fails before its first shard (the dataset, the model, the disk) leaves no empty cache
+for `sae train` to find. A kill -9 during a write leaves the store's `*.partial` temporary files; the next
+writer removes them under the lock.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from sae_cache.sae_common.cache_format import (
 )
 
 LOCK_FILE = ".writer.lock"
+PARTIAL = "*.partial"  # zarr's LocalStore writes each file as <name>.<uuid>.partial, then renames it
 
 
 class CacheLockedError(CacheError):
@@ -42,27 +48,34 @@ class CacheLockedError(CacheError):
 class CacheWriter:
     """Owns a cache directory while it is being written: the lock, the arrays and the shard records."""
 
-    def __init__(self, path: Path, meta: dict[str, Any]):
+    def __init__(self, path: Path, meta: dict[str, Any], *, created: bool = True):
         self.path, self.meta = path, meta
-        self.group = zarr.open_group(path, mode="r+")
+        self.group = zarr.open_group(path, mode="r+") if created else None  # None until the first shard
         self._lock_fd: int | None = None
+        self._made: Path | None = None  # the topmost directory open() made, removed if nothing gets recorded
+        self._finished = False
 
     # -- opening ---------------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | Path, meta: dict[str, Any], *, identity: dict[str, Any], overwrite: bool = False) -> "CacheWriter":
-        """Create the cache at `path`, or reopen it to resume when its `identity` fields equal ours.
+        """Open the cache at `path` to create it, or to resume it when its `identity` fields equal ours.
 
         `meta` holds the fixed attributes (model, hooks, d_model, dtype, layout, config, ...); `identity` is
         what must match for a resume; a mismatch raises naming the differing fields.
         """
         path = Path(path)
+        made = next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
         path.mkdir(parents=True, exist_ok=True)
+        lock_existed = (path / LOCK_FILE).exists()
         lock_fd = _acquire_lock(path)
         try:
             existing = open_cache(path).meta if (path / "zarr.json").exists() else None
+            if existing is None:
+                _refuse_foreign(path)  # --overwrite replaces a cache, never a folder of other files
+            _remove_partials(path)  # under the lock: no other writer can be mid-write
             if existing is None or overwrite or existing["n_tokens"] == 0:
-                # nothing to keep: leftovers of an interrupted creation, an empty cache, or --overwrite
+                # nothing to keep: a creation killed before its first shard was recorded, or --overwrite
                 _clear_except_lock(path)
                 existing = None
             if existing is not None:
@@ -74,20 +87,23 @@ class CacheWriter:
                                      "Use --overwrite to replace it, or --out to write elsewhere.")
                 writer = cls(path, existing)
             else:
-                writer = cls._create(path, meta, identity)
-        except BaseException:
+                full = {"format_version": FORMAT_VERSION, **meta, "identity": identity,
+                        "n_tokens": 0, "shards": [], "complete": False}
+                writer = cls(path, full, created=False)
+        except BaseException:  # leave the directory as it was
+            if not lock_existed:
+                (path / LOCK_FILE).unlink(missing_ok=True)
+            _remove_made(path, made)
             os.close(lock_fd)
             raise
-        writer._lock_fd = lock_fd
+        writer._lock_fd, writer._made = lock_fd, made
         return writer
 
-    @classmethod
-    def _create(cls, path: Path, meta: dict[str, Any], identity: dict[str, Any]) -> "CacheWriter":
+    def _create(self) -> None:
+        path, meta = self.path, self.meta
         layout, dtype = meta["layout"], meta["dtype"]
-        full = {"format_version": FORMAT_VERSION, **meta, "identity": identity,
-                "n_tokens": 0, "shards": [], "complete": False}
         # The group is born with its attributes: a reader never sees a group that is not yet a cache.
-        group = zarr.create_group(path, attributes={ATTRS_KEY: full})
+        group = zarr.create_group(path, attributes={ATTRS_KEY: meta})
         rows_c, rows_s = layout["rows_per_chunk"], layout["rows_per_shard"]
         codecs = compressors(meta["compression"], dtype)
         for hook in meta["hooks"]:
@@ -96,7 +112,7 @@ class CacheWriter:
                                compressors=codecs, fill_value=0)
         group.create_array(TOKENS, shape=(0,), dtype=np.int32, chunks=(rows_c,), shards=(rows_s,),
                            compressors=compressors(meta["compression"], "float32"), fill_value=0)
-        return cls(path, full)
+        self.group = group
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -119,6 +135,8 @@ class CacheWriter:
         if self.n_tokens % rows_s:
             raise CacheError(f"{self.path} ends in a short shard; no shard can follow it")
         assert 0 < n <= rows_s and all(a.shape == (n, self.meta["d_model"]) for a in acts.values())
+        if self.group is None:
+            self._create()
         start, index = self.n_tokens, self.n_shards
         arrays = {acts_path(h): a for h, a in acts.items()} | {TOKENS: tokens.astype(np.int32, copy=False)}
         sha, written = {}, 0
@@ -136,12 +154,20 @@ class CacheWriter:
     def finish(self, **fields: Any) -> None:
         """Mark the cache as complete (all tokens asked for are in) or record why it stopped early."""
         self.meta = {**self.meta, **fields}
+        if self.group is None:
+            self._create()  # asked for explicitly: a cache that records why it holds nothing
         self.group.attrs[ATTRS_KEY] = self.meta
+        self._finished = True
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        if self._lock_fd is None:
+            return
+        if self.n_tokens == 0 and not self._finished:  # nothing recorded: leave nothing for `sae train` to find
+            _clear_except_lock(self.path)
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            _remove_made(self.path, self._made)
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = None
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -166,6 +192,33 @@ def _acquire_lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _remove_partials(path: Path) -> None:
+    for leftover in path.rglob(PARTIAL):
+        leftover.unlink(missing_ok=True)
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Refuse to clear a directory that holds anything but what a cache's creation leaves before zarr.json is
+    in place: the lock, and zarr.json's own temporary file if it was killed writing it."""
+    foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE and not p.match("zarr.*.partial"))
+    if foreign:
+        raise CacheError(f"{path} is a directory that is not an activation cache (it holds {', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); choose another --out, or remove it yourself")
+
+
+def _remove_made(path: Path, made: Path | None) -> None:
+    """Remove the directories open() made, from `path` up to `made`, where they are empty."""
+    if made is None:
+        return
+    for directory in [path, *path.parents]:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or gone): leave it and everything above it
+            return
+        if directory == made:
+            return
 
 
 def _clear_except_lock(path: Path) -> None:

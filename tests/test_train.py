@@ -124,8 +124,8 @@ def test_incomplete_cache_is_refused_with_what_verify_says(tmp_path):
 
     meta = {"model": "m", "hooks": ["h.0"], "d_model": 4, "context_size": 4, "prepend_bos": False, "dtype": "float32",
             "compression": "zstd", "layout": layout_for(4, "float32", 4, 16), "target_tokens": 64, "dataset": {}}
-    with CacheWriter.open(tmp_path / "c.zarr", meta, identity={}):
-        pass
+    with CacheWriter.open(tmp_path / "c.zarr", meta, identity={}) as writer:
+        writer.finish()  # an empty cache, as harvests made before they removed theirs
     out = train_cli(tmp_path / "c.zarr", tmp_path / "r").output
     assert "is empty (0 tokens)" in out
     cache = write_cache(tmp_path / "d.zarr", torch.randn(256, 4), context_size=16, rows_per_shard=64)
