@@ -113,7 +113,7 @@ def damaged(path: Path, problems: list[str]) -> CacheError:
     the command that lists them all."""
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     return CacheError(f"the cache {path} is damaged: {problems[0]}{more}; `sae cache verify {path}` lists every "
-                      "problem. Harvest the damaged shards again (or restore them) before using it")
+                      "problem. Restore the damaged files from a copy, or harvest the cache again (--overwrite)")
 
 
 def _unreadable(file: Path, e: Exception) -> CacheError:

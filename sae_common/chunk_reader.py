@@ -110,7 +110,7 @@ class ChunkReader:
         whole = first == 0 and stop - start == self.rows_per_chunk
         target = out if whole else self._scratch("chunk", self.rows_per_chunk * out.strides[0]).view(out.dtype).reshape(
             self.rows_per_chunk, -1)
-        where = f"chunk {chunk} (rows {start}:{stop}) of shard {shard} in {path}"
+        where = f"rows {start}:{stop} (chunk {chunk}) of {self.array.path}, in shard {shard} ({path}),"
         if not path.is_file():
             raise ChunkDamaged(f"{path} (shard {shard}) is missing")
         self._check_shard(shard, path)

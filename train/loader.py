@@ -28,7 +28,7 @@ import torch
 
 from sae_cache.sae_common.background import put_unless_stopped
 from sae_cache.sae_common.cache_format import TORCH_DTYPE, Cache, damaged, holdout_start, storage_view
-from sae_cache.sae_common.chunk_reader import ChunkReader
+from sae_cache.sae_common.chunk_reader import ChunkDamaged, ChunkReader
 
 
 # -- the stream: pure functions of the seed and the geometry ---------------------------------------------
@@ -202,6 +202,8 @@ class ActivationLoader:
     def _read_chunk(self, window_RD: torch.Tensor, at: int, start: int, stop: int) -> None:
         try:
             self.reader.read(start, stop, storage_view(window_RD[at:at + stop - start], self.cache_dtype))
+        except ChunkDamaged as e:  # it names the rows, chunk, shard and file
+            raise damaged(self.path, [str(e)]) from e
         except Exception as e:
             raise damaged(self.path, [f"rows {start}:{stop} (chunk {start // self.rows_per_chunk}) of {self.array.path} "
                                       f"could not be read: {type(e).__name__}: {e}"]) from e
