@@ -45,7 +45,8 @@ def tokens_shard(cache: Path, index: int) -> Path:
 
 
 DAMAGE = {
-    "flipped bit in the held-out activations": (lambda c: acts_shard(c, 3, HOOK), flip_byte, "does not match its checksum"),
+    "flipped bit in the held-out activations": (lambda c: acts_shard(c, 3, HOOK), flip_byte,
+                                                "does not match its checksum"),
     "deleted held-out activations": (lambda c: acts_shard(c, 3, HOOK), Path.unlink, "is missing"),
     "deleted tokens": (lambda c: tokens_shard(c, 3), Path.unlink, "is missing"),
     "truncated tokens": (lambda c: tokens_shard(c, 3), truncate, "does not match its checksum"),
