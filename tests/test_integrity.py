@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from zarr.codecs import Crc32cCodec
 
 from sae_cache.sae_common import cache_format, cache_writer
-from sae_cache.sae_common.cache_format import open_cache, shard_file
+from sae_cache.sae_common.cache_format import CacheError, open_cache, shard_file
+from sae_cache.sae_common.cache_writer import CacheWriter
 from sae_cache.sae_common.cli import main
 from tests.cache_utils import write_cache
 from tests.test_harvest import harvest_args
@@ -207,3 +208,8 @@ def test_a_foreign_cache_missing_a_chunk_is_refused(foreign, tmp_path):
     (foreign / "tokens" / "c" / "3").unlink()
     refused(cli("cache", "verify", foreign), str(foreign))
     refused(train(foreign, tmp_path / "run"), "shard 3 of tokens is missing", str(foreign / "tokens" / "c" / "3"))
+
+
+def test_harvest_does_not_resume_into_a_foreign_cache(foreign):
+    with pytest.raises(CacheError, match=r"written by another tool \(no 'identity' record"):
+        CacheWriter.open(foreign, {}, identity={"synthetic": True})
