@@ -5,8 +5,11 @@
    (the loader's own ceiling: nothing to decode). The baseline: the same rows in the same order gathered from
    an uncompressed memory map (what every uncompressed cache pays: page-cache reads and the shuffle).
 2. A BatchTopK training step (the paper's GPT-2 shape) fed by the loader vs by a batch already in memory.
+3. What checking the bytes costs the loader (zstd): the same rows with a CRC32C per chunk (caches as written now),
+   without one (older caches: each shard's SHA-256 on first touch, once per run), and with no check at all (the
+   baseline, the loader before checks). The three alternate, `--check-runs` times, best of each; ratios vs none.
 
-    .venv/bin/python bench/loader_bench.py [--mb 512] [--epochs 3] [--d 768] [--workers 2]
+    .venv/bin/python bench/loader_bench.py [--mb 512] [--epochs 3] [--d 768] [--workers 2] [--checks-only]
 
 Each rate follows a one-epoch warm-up and runs with the allocator setting `sae` makes (sae_common/allocator.py).
 It is given over the whole stream and after the first batch (the first window is decoded before anything is
@@ -31,18 +34,23 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sae_cache.sae_common import cache_writer  # noqa: E402
 from sae_cache.sae_common.allocator import retain_freed_memory  # noqa: E402
-from sae_cache.sae_common.cache_format import open_cache  # noqa: E402
+from sae_cache.sae_common.cache_format import compressors, open_cache  # noqa: E402
 from tests.cache_utils import write_cache  # noqa: E402
 from sae_cache.train.loader import ActivationLoader, epoch_windows, window_order  # noqa: E402
 
 
-def loader_gbps(cache, hook: str, batch: int, workers: int, epochs: int) -> tuple[float, float]:
+def loader_gbps(cache, hook: str, batch: int, workers: int, epochs: int, check: bool = True) -> tuple[float, float]:
     """GB/s over the whole stream, and after the first batch (the steady rate of a long run: the first window is
-    decoded into fresh memory before anything is served, and the window buffers are faulted in, once per run)."""
+    decoded into fresh memory before anything is served, and the window buffers are faulted in, once per run).
+    `check=False` turns off the shard SHA-256 of a cache without chunk CRC32Cs (the baseline of part 3)."""
     n_batches = epochs * cache.n_tokens // batch
     loader = ActivationLoader(cache, hook, batch_size=batch, n_batches=n_batches, rows=(0, cache.n_tokens),
                               dtype=torch.bfloat16, workers=workers)
+    if not check:
+        assert not loader.reader.crc, "a chunk CRC32C is always checked"
+        loader.reader.shard_sha256 = None
     t0 = time.perf_counter()
     it = iter(loader)
     next(it)
@@ -91,12 +99,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--check-runs", type=int, default=3, help="alternating runs of part 3 (best of each)")
+    ap.add_argument("--checks-only", action="store_true", help="only part 3")
     args = ap.parse_args()
     retain_freed_memory()  # as `sae` does when it starts
     work = Path(tempfile.mkdtemp(prefix="loader-bench-"))
     try:
         rows = (args.mb << 20) // (2 * args.d) // 128 * 128
         x = torch.randn(rows, args.d).to(torch.bfloat16)
+        if args.checks_only:
+            return check_costs(work, x, args)
         raw = work / "raw.u16"
         x.view(torch.int16).numpy().tofile(raw)
         caches = {c: open_cache(write_cache(work / f"{c}.zarr", x, context_size=128, dtype="bfloat16", compression=c))
@@ -135,8 +147,35 @@ def main() -> None:
                           "batch": args.batch, "in_memory_s_per_step": round(in_memory, 3),
                           "with_loader_s_per_step": round(with_loader, 3),
                           "slowdown": round(with_loader / in_memory - 1, 3)}), flush=True)
+        check_costs(work, torch.from_numpy(np.fromfile(raw, np.int16)).view(torch.bfloat16).reshape(rows, args.d), args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_costs(work: Path, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """Part 3: the loader on the same zstd rows with each kind of check, alternating, best of `check_runs`."""
+    crc = open_cache(write_cache(work / "crc.zarr", x, context_size=128, dtype="bfloat16"))
+    original = cache_writer.compressors
+    cache_writer.compressors = lambda c, dtype: [codec for codec in compressors(c, dtype)
+                                                 if codec.to_dict()["name"] != "crc32c"]  # as written before the CRC
+    try:
+        old = open_cache(write_cache(work / "old.zarr", x, context_size=128, dtype="bfloat16"))
+    finally:
+        cache_writer.compressors = original
+    assert crc.chunk_crc and not old.chunk_crc
+    os.sync()
+    hook = crc.hooks[0]
+    variants = {"none": (old, False), "chunk_crc32c": (crc, True), "shard_sha256_first_touch": (old, True)}
+    loader_gbps(crc, hook, args.batch, args.workers, 1)  # warm-up
+    best = {name: 0.0 for name in variants}
+    for _ in range(args.check_runs):
+        for name, (cache, check) in variants.items():
+            best[name] = max(best[name], loader_gbps(cache, hook, args.batch, args.workers, args.epochs, check)[0])
+    for name in ("chunk_crc32c", "shard_sha256_first_touch"):
+        print(json.dumps({"bench": "loader_checks", "check": name, "rows": len(x), "d": args.d, "epochs": args.epochs,
+                          "workers": args.workers, "runs": args.check_runs, "loader_gb_per_s": round(best[name], 3),
+                          "unchecked_gb_per_s": round(best["none"], 3),
+                          "ratio_vs_unchecked": round(best[name] / best["none"], 3)}), flush=True)
 
 
 if __name__ == "__main__":

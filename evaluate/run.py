@@ -19,9 +19,9 @@ from torch import Tensor
 from sae_cache.evaluate.metrics import ActivationStats, Mean, SAEStats, kl_per_token, log_probs, next_token_ce, sae_metrics
 from sae_cache.evaluate.plots import save_plots
 from sae_cache.evaluate.report import print_table, sae_report, write_reports
-from sae_cache.evaluate.sources import (EvalError, Target, activation_mean, check_fit, find_sae_dirs, heldout_rows,
-                              heldout_tokens, keep_positions, load_eval_model, load_targets, open_target_cache,
-                              output_dir)
+from sae_cache.evaluate.sources import (EvalError, Target, activation_mean, check_fit, check_heldout, find_sae_dirs,
+                                        heldout_rows, heldout_tokens, keep_positions, load_eval_model, load_targets,
+                                        open_target_cache, output_dir)
 from sae_cache.evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
 from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache
 from sae_cache.sae_common.config import EvalConfig
@@ -50,6 +50,7 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
     targets = load_targets(find_sae_dirs(cfg.saes, root, console))
     cache = open_target_cache(targets, cfg.cache)
     rows = heldout_rows(cache, targets, cfg.tokens)
+    check_heldout(cache, {t.hook for t in targets}, rows)
     tokens_NT = heldout_tokens(cache, *rows)
     device = resolve_device(cfg.device)
     loaded = load_eval_model(cache, cfg, device)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sae_cache.sae_common.cache_format import Cache, holdout_start, open_cache
+from sae_cache.sae_common.cache_format import TOKENS, Cache, acts_path, check_rows, damaged, holdout_start, open_cache
 from sae_cache.sae_common.config import EvalConfig
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.model import LoadedModel, count_layers, load_model, resolve_model_dtype, resolve_source, run_hooks
@@ -127,9 +127,19 @@ def heldout_rows(cache: Cache, targets: list[Target], tokens: int | None) -> tup
     return start, start + tokens // ctx * ctx
 
 
+def check_heldout(cache: Cache, hooks: set[str], rows: tuple[int, int]) -> None:
+    """Every shard eval reads (the hooks' rows and the tokens) present and intact, before anything is computed: zarr
+    reads a missing shard as zeros, which gave plausible wrong numbers. With recorded checksums this hashes the
+    held-out shards (the held-out tail is a few % of the cache); without, it reads them back through zarr."""
+    # A hook the cache lacks is named later, by the model's check or by `Cache.acts`.
+    problems = check_rows(cache, [acts_path(h) for h in sorted(hooks) if h in cache.hooks] + [TOKENS], rows)
+    if problems:
+        raise damaged(cache.path, problems)
+
+
 def heldout_tokens(cache: Cache, start: int, stop: int) -> torch.Tensor:
     """[contexts, context_size] token ids (row i = position i % context_size of context i // context_size)."""
-    return torch.from_numpy(cache.tokens()[start:stop].astype("int64")).reshape(-1, cache.meta["context_size"])
+    return torch.from_numpy(cache.read_tokens(start, stop).astype("int64")).reshape(-1, cache.meta["context_size"])
 
 
 def keep_positions(cache: Cache, include_bos: bool) -> torch.Tensor:

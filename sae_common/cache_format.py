@@ -5,20 +5,26 @@ A cache is a Zarr v3 group directory. It holds `acts/<hook name>` arrays of shap
 (what model, which data, how far, per-shard checksums) lives in the group attributes under `sae_cache`.
 Any Zarr reader can read it; this module adds the dtype view (bfloat16 is stored as uint16 bits), the
 chunk/shard sizing and verification.
+
+Integrity: every inner chunk ends with its CRC32C (zarr's `crc32c` codec, the last bytes-to-bytes codec, so any
+Zarr reader checks it on every read), and every shard file's SHA-256 is recorded in the attributes (`sae cache
+verify`). Caches written before the CRC32C have only the SHA-256s; caches written by other tools may have
+neither (they are read, and `Cache.checks` says what can be detected).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from sae_cache.sae_common.errors import UserError
 
@@ -38,6 +44,9 @@ EXPECTED_RATIO = {("zstd", "bfloat16"): 1.45, ("zstd", "float16"): 1.17}
 
 TARGET_CHUNK_BYTES = 4 << 20  # inner chunks of a few MB: the unit of decoding and random access
 TARGET_SHARD_BYTES = 256 << 20  # shards of a few hundred MB: the unit of writing and checksumming
+# The attributes the README's format section documents as the contract: a cache written by another tool that has
+# these (and the arrays) is read; the rest (layout, shards, complete, ...) is this writer's bookkeeping.
+REQUIRED_ATTRS = ("format_version", "model", "hooks", "d_model", "context_size", "prepend_bos", "dtype", "n_tokens")
 
 
 def acts_path(hook: str) -> str:
@@ -68,14 +77,17 @@ def storage_view(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.numpy()
 
 
-def compressors(compression: str, dtype: str) -> list | None:
-    """Blosc with byte shuffle and 1 MiB blocks. Measured on bf16 residual activations (2-core dev machine,
-    one core): zstd-1 1.47x, decoding 1.1-1.6 GB/s; lz4-5 1.15x, decoding 3.5-4 GB/s. DESIGN.md's 2.7 GB/s
-    per core for zstd was not reached there."""
+def compressors(compression: str, dtype: str) -> list:
+    """The inner chunks' bytes-to-bytes codecs: Blosc with byte shuffle and 1 MiB blocks (unless "none"), then a
+    CRC32C of the result, checked on every read by zarr and by sae_common/chunk_reader.py (its cost is in
+    bench/loader_bench.py). Measured on bf16 residual activations (2-core dev machine, one core): zstd-1 1.47x,
+    decoding 1.1-1.6 GB/s; lz4-5 1.15x, decoding 3.5-4 GB/s. DESIGN.md's 2.7 GB/s per core for zstd was not
+    reached there."""
     if compression == "none":
-        return None
+        return [Crc32cCodec()]
     level = 1 if compression == "zstd" else 5
-    return [BloscCodec(cname=compression, clevel=level, shuffle="shuffle", typesize=itemsize(dtype), blocksize=1 << 20)]
+    return [BloscCodec(cname=compression, clevel=level, shuffle="shuffle", typesize=itemsize(dtype), blocksize=1 << 20),
+            Crc32cCodec()]
 
 
 def layout_for(d_model: int, dtype: str, context_size: int, rows_per_shard: int | None = None) -> dict[str, int]:
@@ -97,6 +109,20 @@ class CacheError(UserError):
     """A cache that is missing, not a cache, of another format version, or damaged."""
 
 
+def damaged(path: Path, problems: list[str]) -> CacheError:
+    """The error for a cache whose data is missing or does not match its checksums: the first problem, and
+    the command that lists them all."""
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return CacheError(f"the cache {path} is damaged: {problems[0]}{more}; `sae cache verify {path}` lists every "
+                      "problem. Restore the damaged files from a copy, or harvest the cache again (--overwrite)")
+
+
+def _unreadable(file: Path, e: Exception) -> CacheError:
+    reason = (str(e).splitlines() or [""])[0]
+    return CacheError(f"{file} is damaged ({type(e).__name__}: {reason}); the cache cannot be read without it: "
+                      "restore the file or harvest the cache again")
+
+
 @dataclass
 class Cache:
     """An open cache: its group, its metadata and the dtype view of its arrays."""
@@ -104,6 +130,7 @@ class Cache:
     path: Path
     group: zarr.Group
     meta: dict[str, Any]
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
 
     @property
     def hooks(self) -> list[str]:
@@ -121,40 +148,144 @@ class Cache:
     def dtype(self) -> str:
         return self.meta["dtype"]
 
+    def array(self, name: str) -> zarr.Array:
+        """One of the cache's arrays; a missing or unreadable array metadata file is named, never a traceback."""
+        if name not in self._arrays:
+            file = self.path / name / "zarr.json"
+            if not file.is_file():
+                raise CacheError(f"the cache {self.path} has no array {name} ({file} is missing)")
+            try:
+                array = self.group[name]
+            except Exception as e:  # noqa: BLE001 - whatever zarr raises on a damaged file, name the file
+                raise _unreadable(file, e) from None
+            if not isinstance(array, zarr.Array):
+                raise CacheError(f"{self.path / name} is a Zarr group; the cache format has an array there")
+            self._arrays[name] = array
+        return self._arrays[name]
+
     def acts(self, hook: str) -> zarr.Array:
         if hook not in self.meta["hooks"]:
             raise CacheError(f"hook {hook!r} is not in the cache {self.path}; it has: {', '.join(self.hooks)}")
-        return self.group[acts_path(hook)]
+        return self.array(acts_path(hook))
 
     def tokens(self) -> zarr.Array:
-        return self.group[TOKENS]
+        return self.array(TOKENS)
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """Rows per inner chunk and per shard: as this project's writer records them, else (a cache written by
+        another tool) from the first hook's array metadata."""
+        if "layout" in self.meta:
+            return self.meta["layout"]
+        array = self.acts(self.hooks[0])
+        return {"rows_per_chunk": array.chunks[0], "rows_per_shard": (array.shards or array.chunks)[0]}
+
+    @property
+    def compression(self) -> str:
+        if self.meta.get("compression"):
+            return self.meta["compression"]
+        names = [getattr(c, "codec_id", None) or c.to_dict()["name"] for c in self.acts(self.hooks[0]).compressors
+                 if not isinstance(c, Crc32cCodec)]
+        return "+".join(names) or "none"
+
+    @property
+    def chunk_crc(self) -> bool:
+        """Whether every array's inner chunks end with a CRC32C (checked by every read, ours and zarr's)."""
+        return all(_has_crc(self.array(name)) for name in array_names(self.meta))
+
+    @property
+    def shard_checksums(self) -> bool:
+        """Whether the SHA-256 of every shard file is recorded (this project's writer does; other tools may not)."""
+        return isinstance(self.meta.get("shards"), list)
+
+    @property
+    def checks(self) -> str:
+        """In words: what damage to the data can be detected, and when."""
+        found = (["a SHA-256 per shard file"] if self.shard_checksums else []) + (
+            ["a CRC32C per chunk, checked on every read"] if self.chunk_crc else [])
+        return " and ".join(found) or "no checksums (damage to the data cannot be detected)"
+
+    @property
+    def complete(self) -> bool:
+        """Whether all the rows asked for are in (or the dataset ran out). Without this writer's record (a cache
+        from another tool), the format's own rule holds: the n_tokens rows are complete and readable."""
+        return "complete" not in self.meta or bool(self.meta["complete"] or self.meta.get("exhausted"))
 
     def read_rows(self, hook: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one hook as a tensor of the logical dtype."""
-        return from_storage(self.acts(hook)[start:stop], self.dtype)
+        return from_storage(self._read(acts_path(hook), start, stop), self.dtype)
+
+    def read_tokens(self, start: int, stop: int) -> np.ndarray:
+        return self._read(TOKENS, start, stop)
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        array = self.array(name)
+        try:
+            return array[start:stop]
+        except Exception as e:  # noqa: BLE001 - a chunk that fails its CRC32C or cannot be decoded: name it
+            raise damaged(self.path, [f"rows {start}:{stop} of {name} cannot be read ({type(e).__name__}: {e})"]) from None
 
     def disk_bytes(self) -> int:
         """Bytes of the cache's files; a killed write's `*.partial` temporary files are not the cache's."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file() and f.suffix != ".partial")
 
 
+def _has_crc(array: zarr.Array) -> bool:
+    codecs = array.compressors
+    return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+
+
 def open_cache(path: str | Path) -> Cache:
+    """Open and check the structure of a cache: its attributes and every array's metadata (not the data)."""
     path = Path(path)
-    if not (path / "zarr.json").is_file():
+    file = path / "zarr.json"
+    if not file.is_file():
         raise CacheError(f"{path} is not an activation cache (no zarr.json there); `sae harvest` writes one")
-    group = zarr.open_group(path, mode="r")
-    meta = group.attrs.get(ATTRS_KEY)
-    if meta is None:
-        raise CacheError(f"{path} is a Zarr group but not an activation cache (no '{ATTRS_KEY}' attributes)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path} has cache format version {meta.get('format_version')}; this tool reads {FORMAT_VERSION}")
-    return Cache(path=path, group=group, meta=dict(meta))
+    try:
+        group = zarr.open_group(path, mode="r")
+        meta = group.attrs.get(ATTRS_KEY)
+    except Exception as e:  # noqa: BLE001 - whatever zarr raises on a damaged file, name the file
+        raise _unreadable(file, e) from None
+    if not isinstance(meta, dict):
+        raise CacheError(f"{path} is a Zarr group but not an activation cache (no '{ATTRS_KEY}' attributes in {file})")
+    missing = [k for k in REQUIRED_ATTRS if k not in meta]
+    if missing:
+        raise CacheError(f"{file}: the '{ATTRS_KEY}' attributes have no {', '.join(map(repr, missing))}, which the "
+                         "cache format requires (README.md, 'The cache format')")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CacheError(f"{path} has cache format version {meta['format_version']}; this tool reads {FORMAT_VERSION}")
+    if meta["dtype"] not in DTYPES or not isinstance(meta["hooks"], list) or not meta["hooks"]:
+        raise CacheError(f"{file}: '{ATTRS_KEY}' needs a dtype among {', '.join(DTYPES)} (it has {meta['dtype']!r}) "
+                         f"and a non-empty list of hooks (it has {meta['hooks']!r})")
+    cache = Cache(path=path, group=group, meta=dict(meta))
+    if cache.n_tokens:  # an empty cache may be one whose creation was interrupted before its arrays: harvest redoes it
+        for name in array_names(meta):
+            _check_array(cache, name)
+    return cache
+
+
+def _check_array(cache: Cache, name: str) -> None:
+    """The array's dtype and shape are the ones the attributes promise: a foreign cache that disagrees is named."""
+    array = cache.array(name)
+    shape = (cache.n_tokens,) if name == TOKENS else (cache.n_tokens, cache.d_model)
+    dtype = np.dtype(np.int32) if name == TOKENS else np.dtype(STORAGE_DTYPE[cache.dtype])
+    if array.ndim != len(shape) or array.shape[0] < shape[0] or array.shape[1:] != shape[1:] or array.dtype != dtype:
+        raise CacheError(f"the array {name} of {cache.path} is {array.dtype} {array.shape}, but the attributes call for "
+                         f"{dtype} with at least {shape[0]:,} rows" + (f" of {shape[1]}" if len(shape) > 1 else ""))
 
 
 def shard_file(path: Path, array: zarr.Array, shard_index: int) -> Path:
     """Where shard `shard_index` (along rows) of `array` lives in a local directory store."""
     coords = (shard_index,) + (0,) * (array.ndim - 1)
     return path / array.path / array.metadata.encode_chunk_key(coords)
+
+
+def row_cell_files(path: Path, array: zarr.Array, index: int) -> list[Path]:
+    """The files of row cell `index` of `array` (one shard, or one row of chunks when an array written by another
+    tool is not sharded or splits the columns too)."""
+    grid = array.shards or array.chunks
+    columns = itertools.product(*(range(-(-n // g)) for n, g in zip(array.shape[1:], grid[1:])))
+    return [path / array.path / array.metadata.encode_chunk_key((index, *c)) for c in columns]
 
 
 def file_sha256(file: Path) -> str:
@@ -166,27 +297,49 @@ def array_names(meta: dict[str, Any]) -> list[str]:
     return [acts_path(h) for h in meta["hooks"]] + [TOKENS]
 
 
-def verify(cache: Cache, checksums: bool = True) -> list[str]:
-    """Every recorded shard of every array present and (if `checksums`) matching its checksum; returns the
-    problems found. Without checksums it only looks at the files (instant, for a start-up check)."""
-    problems = []
-    shards = cache.meta["shards"]
-    if sum(s["rows"] for s in shards) != cache.n_tokens:
-        problems.append(f"the shards record {sum(s['rows'] for s in shards)} rows but n_tokens is {cache.n_tokens}")
-    for name in array_names(cache.meta):
-        if name not in cache.group:
-            problems.append(f"array {name} is missing")
-            continue
-        array = cache.group[name]
-        if array.shape[0] < cache.n_tokens:
-            problems.append(f"array {name} has {array.shape[0]} rows, fewer than n_tokens={cache.n_tokens}")
-        for i, shard in enumerate(shards):
-            file = shard_file(cache.path, array, i)
-            if not file.is_file():
-                problems.append(f"shard {i} of {name} is missing ({file})")
-            elif checksums and file_sha256(file) != shard["sha256"][name]:
-                problems.append(f"shard {i} of {name} does not match its checksum ({file})")
+def check_rows(cache: Cache, names: list[str], rows: tuple[int, int], checksums: bool = True) -> list[str]:
+    """The problems of the shards of `names` that hold rows [start, stop): each shard present and (if `checksums`)
+    matching its recorded SHA-256; without recorded checksums (a foreign cache), read back through zarr (which
+    checks chunk CRC32Cs where there are some). Without `checksums`, only file presence (instant, for start-up)."""
+    problems, records = [], cache.meta.get("shards") if cache.shard_checksums else None
+    for name in names:
+        array = cache.array(name)
+        per = (array.shards or array.chunks)[0]
+        for i in range(rows[0] // per, -(-rows[1] // per)):
+            files = row_cell_files(cache.path, array, i)
+            absent = [f for f in files if not f.is_file()]
+            if absent:
+                problems.append(f"shard {i} of {name} is missing ({absent[0]})")
+            elif checksums and records is not None:
+                recorded = records[i].get("sha256", {}).get(name) if i < len(records) else None
+                if recorded is None:
+                    problems.append(f"shard {i} of {name} has no recorded checksum ({files[0]})")
+                elif file_sha256(files[0]) != recorded:
+                    problems.append(f"shard {i} of {name} does not match its checksum ({files[0]})")
+            elif checksums:
+                try:
+                    array[i * per:min((i + 1) * per, cache.n_tokens)]
+                except Exception as e:  # noqa: BLE001 - any decoding failure is damage to report
+                    problems.append(f"shard {i} of {name} cannot be read ({files[0]}: {type(e).__name__}: {e})")
     return problems
+
+
+def verify(cache: Cache, checksums: bool = True) -> list[str]:
+    """Every shard of every array present and (if `checksums`) intact (see `check_rows`); returns the problems
+    found. Without checksums it only looks at the files (instant, for a start-up check)."""
+    problems = []
+    recorded = sum(s.get("rows", 0) for s in cache.meta["shards"]) if cache.shard_checksums else cache.n_tokens
+    if recorded != cache.n_tokens:
+        problems.append(f"the shards record {recorded} rows but n_tokens is {cache.n_tokens}")
+    return problems + check_rows(cache, array_names(cache.meta), (0, cache.n_tokens), checksums)
+
+
+def verified_summary(cache: Cache) -> str:
+    """What `sae cache verify` checked, for a cache that passed."""
+    if cache.shard_checksums:
+        return f"{len(cache.meta['shards'])} shard(s), {cache.n_tokens:,} tokens, every checksum matches"
+    return (f"{cache.n_tokens:,} tokens, every shard present and readable; the cache records no shard checksums "
+            f"(it has {cache.checks})")
 
 
 def find_caches(root: str | Path) -> list[Path]:
@@ -210,7 +363,7 @@ def holdout_start(cache: Cache, fraction: float = 0.02) -> int:
     The tail is whole chunks (so the loader never splits one), at least `fraction` of the rows and at least
     one chunk, but never more than half the cache. Rows are whole contexts, so the tail is too.
     """
-    n, chunk = cache.n_tokens, cache.meta["layout"]["rows_per_chunk"]
+    n, chunk = cache.n_tokens, cache.layout["rows_per_chunk"]
     n_chunks = -(-n // chunk)
     tail_chunks = min(max(1, -(-int(n * fraction) // chunk)), n_chunks // 2)
     if tail_chunks == 0:

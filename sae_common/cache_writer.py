@@ -78,6 +78,9 @@ class CacheWriter:
                 # nothing to keep: a creation killed before its first shard was recorded, or --overwrite
                 _clear_except_lock(path)
                 existing = None
+            if existing is not None and "identity" not in existing:
+                raise CacheError(f"{path} holds a cache written by another tool (no 'identity' record to resume "
+                                 "against); use --overwrite to replace it, or --out to write elsewhere")
             if existing is not None:
                 diff = {k: (existing["identity"].get(k), v) for k, v in identity.items() if existing["identity"].get(k) != v}
                 diff.update({k: (v, None) for k, v in existing["identity"].items() if k not in identity})

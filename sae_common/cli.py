@@ -196,11 +196,14 @@ def info(path: Path, as_json: bool) -> None:
     disk = c.disk_bytes()
     raw = c.n_tokens * (len(c.hooks) * c.d_model * itemsize(c.dtype) + 4)
     state = "complete" if c.meta.get("complete") else ("dataset ran out" if c.meta.get("exhausted") else "incomplete")
+    if "complete" not in c.meta:  # a cache written by another tool: its n_tokens rows are complete by definition
+        state = "no completion record"
+    n_shards = len(c.meta["shards"]) if c.shard_checksums else -(-c.n_tokens // c.layout["rows_per_shard"])
     rows = [("path", str(c.path)), ("model", c.meta["model"]), ("hooks", ", ".join(c.hooks)),
             ("d_model", c.d_model), ("tokens", f"{c.n_tokens:,} of {c.meta.get('target_tokens', c.n_tokens):,} ({state})"),
-            ("context size", c.meta["context_size"]), ("dtype", f"{c.dtype}, {c.meta['compression']}"),
-            ("shards", f"{len(c.meta['shards'])} of up to {c.meta['layout']['rows_per_shard']:,} rows"),
-            ("dataset", c.meta["dataset"]["source"]),
+            ("context size", c.meta["context_size"]), ("dtype", f"{c.dtype}, {c.compression}"),
+            ("shards", f"{n_shards} of up to {c.layout['rows_per_shard']:,} rows"), ("checks", c.checks),
+            ("dataset", (c.meta.get("dataset") or {}).get("source", "not recorded")),
             ("size on disk", f"{disk / 1e6:,.1f} MB (raw {raw / 1e6:,.1f} MB, ratio {raw / max(disk, 1):.2f}x)")]
     for key, value in rows:
         click.echo(f"{key:>13}: {value}")
@@ -211,7 +214,7 @@ def info(path: Path, as_json: bool) -> None:
 @user_errors
 def verify(path: Path) -> None:
     """Check every shard is present and matches its checksum; exit 1 naming each bad shard."""
-    from sae_cache.sae_common.cache_format import open_cache, verify as verify_cache
+    from sae_cache.sae_common.cache_format import open_cache, verified_summary, verify as verify_cache
 
     c = open_cache(path)
     problems = verify_cache(c)
@@ -219,7 +222,7 @@ def verify(path: Path) -> None:
         for p in problems:
             click.echo(f"BAD: {p}", err=True)
         raise click.ClickException(f"{path} failed verification ({len(problems)} problem(s))")
-    click.echo(f"OK: {len(c.meta['shards'])} shard(s), {c.n_tokens:,} tokens, every checksum matches")
+    click.echo(f"OK: {verified_summary(c)}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ size): a checkpoint only needs the batch index to resume (`start_batch`), and re
 the window that holds the first row wanted.
 
 Chunks are decoded by a thread pool (Blosc releases the GIL) one window ahead of the window being served,
-straight from the shard files into the window's buffer (sae_common/chunk_reader.py);
-one more thread gathers batches and keeps `prefetch` of them ready, so decoding overlaps the training step.
+straight from the shard files into the window's buffer (sae_common/chunk_reader.py), each chunk checked against
+its CRC32C (or, in caches written before chunks carried one, its shard's SHA-256 on first touch) before its rows
+are used; a damaged chunk stops training with the file named. One more thread gathers batches and keeps
+`prefetch` of them ready, so decoding overlaps the training step.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import numpy as np
 import torch
 
 from sae_cache.sae_common.background import put_unless_stopped
-from sae_cache.sae_common.cache_format import TORCH_DTYPE, Cache, CacheError, holdout_start, storage_view
-from sae_cache.sae_common.chunk_reader import ChunkReader
+from sae_cache.sae_common.cache_format import TORCH_DTYPE, Cache, damaged, holdout_start, storage_view
+from sae_cache.sae_common.chunk_reader import ChunkDamaged, ChunkReader
 
 
 # -- the stream: pure functions of the seed and the geometry ---------------------------------------------
@@ -77,9 +79,9 @@ class ActivationLoader:
         if batch_size < 1 or workers < 1 or prefetch < 1:
             raise ValueError(f"batch_size ({batch_size}), workers ({workers}) and prefetch ({prefetch}) must be >= 1")
         self.array, self.path, self.cache_dtype = cache.acts(hook), cache.path, cache.dtype
-        self.reader = ChunkReader(self.array)
+        self.reader = ChunkReader(self.array, shard_digests(cache, self.array.path))
         self.rows, self.d_model = rows, cache.d_model
-        self.rows_per_chunk = cache.meta["layout"]["rows_per_chunk"]
+        self.rows_per_chunk = self.reader.rows_per_chunk
         self.spans_U2 = chunk_spans(rows, self.rows_per_chunk)
         self.chunks_per_window = max(1, round(shuffle_tokens / self.rows_per_chunk))
         self.batch_size, self.n_batches, self.start_batch, self.seed = batch_size, n_batches, start_batch, seed
@@ -200,7 +202,17 @@ class ActivationLoader:
     def _read_chunk(self, window_RD: torch.Tensor, at: int, start: int, stop: int) -> None:
         try:
             self.reader.read(start, stop, storage_view(window_RD[at:at + stop - start], self.cache_dtype))
+        except ChunkDamaged as e:  # it names the rows, chunk, shard and file
+            raise damaged(self.path, [str(e)]) from e
         except Exception as e:
-            raise CacheError(f"could not read rows {start}:{stop} (chunk {start // self.rows_per_chunk}) of "
-                             f"{self.array.path} in the cache {self.path}: {type(e).__name__}: {e}") from e
+            raise damaged(self.path, [f"rows {start}:{stop} (chunk {start // self.rows_per_chunk}) of {self.array.path} "
+                                      f"could not be read: {type(e).__name__}: {e}"]) from e
+
+
+def shard_digests(cache: Cache, name: str) -> list[str] | None:
+    """The recorded SHA-256 of each shard file of array `name`, if the cache records them all."""
+    if not cache.shard_checksums:
+        return None
+    digests = [s.get("sha256", {}).get(name) for s in cache.meta["shards"]]
+    return None if None in digests else digests
 

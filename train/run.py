@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache, CacheError, find_caches, holdout_start, open_cache, verify
+from sae_cache.sae_common.cache_format import (DEFAULT_ROOT, Cache, CacheError, damaged, find_caches, holdout_start,
+                                                open_cache, verify)
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.console import make_console
 from sae_cache.sae_common.errors import UserError
@@ -33,14 +34,17 @@ def pick_cache(cfg: TrainConfig, console: Console, root: Path = DEFAULT_ROOT) ->
     cache = open_cache(cfg.cache or found[0])
     if cache.n_tokens == 0:
         raise CacheError(f"the cache {cache.path} is empty (0 tokens); finish its harvest first")
-    if not (cache.meta.get("complete") or cache.meta.get("exhausted")):
+    if not cache.complete:
+        target = cache.meta.get("target_tokens")
         raise CacheError(f"the cache {cache.path} is incomplete: {cache.n_tokens:,} of "
-                         f"{cache.meta.get('target_tokens', '?'):,} tokens were harvested. Rerun its `sae harvest` "
-                         "command to finish it (`sae cache verify` checks what it holds)")
-    problems = verify(cache, checksums=False)
+                         f"{f'{target:,}' if isinstance(target, int) else 'the'} tokens asked for were harvested. Rerun "
+                         f"its `sae harvest` command to finish it (`sae cache verify {cache.path}` checks what it holds)")
+    problems = verify(cache, checksums=False)  # every shard present; their bytes are checked as the loader reads them
     if problems:
-        raise CacheError(f"the cache {cache.path} is damaged: {problems[0]} ({len(problems)} problem(s); "
-                         "`sae cache verify` lists them)")
+        raise damaged(cache.path, problems)
+    if not (cache.chunk_crc or cache.shard_checksums):
+        console.print(f"[yellow]the cache {cache.path} has {cache.checks}: training cannot tell damaged data from "
+                      "good[/]")
     return cache
 
 
@@ -142,7 +146,7 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
                                "holdout_start": rows[1], "tokens_trained": done * cfg.batch_size,
                                "final_metrics": m.last, "context_size": cache.meta["context_size"],
                                "prepend_bos": cache.meta["prepend_bos"],
-                               "dataset_path": cache.meta["dataset"].get("source")})
+                               "dataset_path": (cache.meta.get("dataset") or {}).get("source")})
     write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": True, "tokens_trained": done * cfg.batch_size})
     console.print(f"[green]done[/]: {len(members)} SAE(s) in {run_dir}")
     return run_dir
