@@ -24,7 +24,8 @@ from sae_cache.evaluate.sources import (Target, activation_mean, check_fit, find
                               output_dir)
 from sae_cache.evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
 from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache
-from sae_cache.sae_common.config import EvalConfig, check_output_dir
+from sae_cache.sae_common.checks import check_output_dir
+from sae_cache.sae_common.config import EvalConfig
 from sae_cache.sae_common.console import make_console
 from sae_cache.sae_common.model import hook_layer, resolve_device, resolve_source
 

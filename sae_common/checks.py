@@ -46,9 +46,9 @@ def check_float(name: str, value: Any, low: float, *, above: bool = False, high:
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
           and (value > low if above else value >= low) and value <= high)
     if not ok:
-        if high < math.inf:
-            raise bad(name, value, f"must be a number {'above' if above else 'from'} {low:g} {'and at most' if above else 'to'} {high:g}")
-        raise bad(name, value, f"must be a number {'above' if above else 'of at least'} {low:g}")
+        span = {(True, False): f"above {low:g}", (False, False): f"of at least {low:g}",
+                (True, True): f"above {low:g} and at most {high:g}", (False, True): f"from {low:g} to {high:g}"}
+        raise bad(name, value, f"must be a number {span[above, high < math.inf]}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...], what: str) -> None:

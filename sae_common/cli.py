@@ -14,8 +14,8 @@ from typing import Any, Callable
 import click
 
 from sae_cache.sae_common.allocator import retain_freed_memory
-from sae_cache.sae_common.config import (COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES, STORED_DTYPES, TRAIN_DTYPES, EvalConfig,
-                                         HarvestConfig, TrainConfig, default, field_doc, parse_count)
+from sae_cache.sae_common.checks import COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES, STORED_DTYPES, TRAIN_DTYPES
+from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
 from sae_cache.sae_common.errors import UserError
 
 
@@ -62,7 +62,7 @@ def main() -> None:
 @main.command()
 @option(HarvestConfig, "model")
 @option(HarvestConfig, "layers", "--layer", "-l", type=int, multiple=True, show_default=False,
-        help="Layer(s) to harvest (repeatable). " + field_doc(HarvestConfig, "layers"))
+        help=field_doc(HarvestConfig, "layers") + " Repeatable.")
 @option(HarvestConfig, "hook")
 @option(HarvestConfig, "dataset")
 @option(HarvestConfig, "split")
@@ -116,9 +116,10 @@ def _list_of(kind: type) -> Callable:
 
 
 def many(name: str, flag: str, kind: type) -> Callable:
-    shown = ",".join(map(str, default(TrainConfig, name)))  # empty: the field's help says what the default is
+    shown = ",".join(map(str, default(TrainConfig, name)))
+    shown = f" [default: {shown}]" if shown else ""  # none: the field's help says what the default is
     return option(TrainConfig, name, flag, multiple=True, callback=_list_of(kind), default=(), show_default=False,
-                  help=field_doc(TrainConfig, name) + " Repeat or comma-separate." + (f" [default: {shown}]" if shown else ""))
+                  help=f"{field_doc(TrainConfig, name)} Repeat or comma-separate.{shown}")
 
 
 @main.command()

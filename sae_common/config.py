@@ -15,11 +15,9 @@ from typing import Any
 
 from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MAX_SEED, MODEL_DTYPES, STORED_DTYPES, TRAIN_DTYPES,
                                          bad, check_bool, check_choice, check_device, check_float, check_int,
-                                         check_list, check_output_dir, check_text)
+                                         check_list, check_text)
 from sae_cache.sae_common.errors import ConfigError
 
-__all__ = ["COMPRESSIONS", "INPUT_NORMS", "MODEL_DTYPES", "STORED_DTYPES", "TRAIN_DTYPES", "EvalConfig", "HarvestConfig",
-           "TrainConfig", "check_output_dir", "default", "field_doc", "hook_names", "parse_count"]
 DEFAULT_LAYER = 12  # with a hook kind and no --layer
 DEFAULT_EXPANSION = 8  # without --dict-size
 
@@ -61,6 +59,7 @@ def hook_names(layers: tuple[int, ...], hook: str) -> list[str]:
 
 
 def _own_layer(hook: str) -> tuple[int, ...]:
+    """The block of a full hook name, as model.hook_layer says (that module loads torch; this one must not)."""
     m = re.match(r"blocks\.(\d+)\.", hook)
     return (int(m.group(1)),) if m else ()
 

@@ -80,6 +80,8 @@ TABLE = [
     Bad(H, "--device", ("--device", "gpu"), "--device gpu: use auto, cpu, cuda or cuda:N"),
     Bad(H, "--out", ("--out", "{file}"), "--out {file}: {file} is a file, not a directory"),
     Bad(H, "--out", ("--out", "{file}/c.zarr"), "{file} is a file, not a directory"),
+    Bad(H, "--out", ("--out", "{folder}", "--overwrite"), "--out {folder}: the folder exists and is not an activation "
+        "cache"),
     Bad(H, "--overwrite", ("--overwrite=yes",), "Option '--overwrite' does not take a value", code=2),
 
     Bad(T, "--cache", ("--cache", "{cwd}/nope.zarr"), "is not an activation cache", names="nope.zarr"),
@@ -108,7 +110,8 @@ TABLE = [
     Bad(T, "--seed", ("--seed", "-1"), "--seed -1: must be a non-negative integer"),
     Bad(T, "--input-norm", ("--input-norm", "l2"), "'l2' is not one of", code=2),
     Bad(T, "--dead-tokens", ("--dead-tokens", "0"), "--dead-tokens 0: must be a positive integer"),
-    Bad(T, "--holdout-fraction", ("--holdout-fraction", "1.5"), "--holdout-fraction 1.5: must be a number from 0 to 0.5"),
+    Bad(T, "--holdout-fraction", ("--holdout-fraction", "1.5"), "--holdout-fraction 1.5: must be a number from 0 to "
+        "0.5"),
     Bad(T, "--holdout-fraction", ("--holdout-fraction", "-0.5"), "--holdout-fraction -0.5: must be a number from 0"),
     Bad(T, "--checkpoint-every", ("--checkpoint-every", "0"), "--checkpoint-every 0: must be a positive integer"),
     Bad(T, "--log-every", ("--log-every", "0"), "--log-every 0: must be a positive integer"),
@@ -139,7 +142,7 @@ TABLE = [
     Bad(V, "PATH", ("{empty}",), "is not an activation cache (no zarr.json there)", names="{empty}"),
 ]
 if not torch.cuda.is_available():
-    TABLE.append(Bad(H, "--device", ("--device", "cuda"), "--device cuda asked for CUDA, but torch sees no CUDA device"))
+    TABLE.append(Bad(H, "--device", ("--device", "cuda"), "--device cuda asked for CUDA, but torch sees no CUDA"))
     TABLE.append(Bad(T, "--device", ("--device", "cuda:0"), "--device cuda:0 asked for CUDA"))
 
 # Options no value of which can be wrong, and why (none today: every flag refuses a value given to it).
@@ -179,8 +182,11 @@ def workspace(checkpoints, corpus, tmp_path_factory) -> dict[str, str]:
     (damaged / "sae_record.json").write_text("{not json")
     (root / "empty").mkdir()
     (root / "file.txt").write_text("not a directory\n")
+    (root / "folder").mkdir()
+    (root / "folder" / "notes.txt").write_text("a user's file that a harvest must not clear\n")
     return {"root": str(root), "model": str(checkpoints["gpt2"]), "corpus": str(corpus), "cache": str(cache),
-            "sae": str(sae), "damaged_sae": str(damaged), "empty": str(root / "empty"), "file": str(root / "file.txt")}
+            "sae": str(sae), "damaged_sae": str(damaged), "empty": str(root / "empty"), "file": str(root / "file.txt"),
+            "folder": str(root / "folder")}
 
 
 BASE = {

@@ -12,7 +12,8 @@ import torch
 from rich.console import Console
 
 from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache, CacheError, find_caches, holdout_start, open_cache, verify
-from sae_cache.sae_common.config import TrainConfig, check_output_dir
+from sae_cache.sae_common.checks import check_output_dir
+from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.console import make_console
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.model import resolve_device
