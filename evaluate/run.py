@@ -19,14 +19,15 @@ from torch import Tensor
 from sae_cache.evaluate.metrics import ActivationStats, Mean, SAEStats, kl_per_token, log_probs, next_token_ce, sae_metrics
 from sae_cache.evaluate.plots import save_plots
 from sae_cache.evaluate.report import print_table, sae_report, write_reports
-from sae_cache.evaluate.sources import (EvalError, Target, activation_mean, check_fit, check_heldout, find_sae_dirs,
+from sae_cache.evaluate.sources import (Target, activation_mean, check_fit, check_heldout, find_sae_dirs,
                                         heldout_rows, heldout_tokens, keep_positions, load_eval_model, load_targets,
                                         open_target_cache, output_dir)
 from sae_cache.evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
 from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache
+from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import EvalConfig
 from sae_cache.sae_common.console import make_console
-from sae_cache.sae_common.model import hook_layer, resolve_device
+from sae_cache.sae_common.model import hook_layer, resolve_device, resolve_source
 
 
 @dataclass
@@ -44,15 +45,16 @@ class HookGroup:
 def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAULT_ROOT) -> list[dict]:
     """Evaluate the SAEs `cfg` names; returns one report (the content of its eval.json) per SAE."""
     console = console or make_console()
-    if cfg.dataset is not None:
-        raise EvalError(f"--dataset {cfg.dataset!r}: evaluating on fresh text is not supported yet; `sae eval` reads "
-                        "the held-out rows of the cache the SAEs were trained on (choose how many with --tokens)")
+    device = resolve_device(cfg.device)  # the config checked each value; what needs the machine or files is here
+    if cfg.model is not None:
+        resolve_source(cfg.model)  # a model that is not there is refused before the SAEs and the cache are read
     targets = load_targets(find_sae_dirs(cfg.saes, root, console))
+    out = output_dir(targets, cfg.out)
+    check_output_dir(out)  # before the work, not after it
     cache = open_target_cache(targets, cfg.cache)
     rows = heldout_rows(cache, targets, cfg.tokens)
     check_heldout(cache, {t.hook for t in targets}, rows)
     tokens_NT = heldout_tokens(cache, *rows)
-    device = resolve_device(cfg.device)
     loaded = load_eval_model(cache, cfg, device)
     check_fit(loaded, targets, tokens_NT[:1].to(device))
     keep_T = keep_positions(cache, cfg.include_bos)
@@ -68,7 +70,6 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
     reports = [sae_report(t, sae_metrics(stats, g.acts, ce_clean, g.ce_zero, g.ce_mean), cfg=cfg, cache=cache,
                           rows=rows, model=loaded.source)
                for g in groups for t, stats in g.members]
-    out = output_dir(targets, cfg.out)
     plots = save_plots(reports, out / "plots")
     summary = write_reports(reports, out, plots=[str(p) for p in plots.values()])
     print_table(reports, console)

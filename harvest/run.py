@@ -23,12 +23,14 @@ from rich.text import Text
 
 from sae_cache.harvest.text import Position, open_documents, pack_contexts, separator_id
 from sae_cache.sae_common.background import background
-from sae_cache.sae_common.cache_format import DEFAULT_ROOT, EXPECTED_RATIO, itemsize, layout_for, to_storage
-from sae_cache.sae_common.cache_writer import CacheWriter
+from sae_cache.sae_common.cache_format import DEFAULT_ROOT, EXPECTED_RATIO, itemsize, layout_for, open_cache, to_storage
+from sae_cache.sae_common.cache_writer import LOCK_FILE, CacheWriter
+from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import HarvestConfig, hook_names
 from sae_cache.sae_common.console import make_console
 from sae_cache.sae_common.errors import UserError
-from sae_cache.sae_common.model import LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
+from sae_cache.sae_common.model import (LoadedModel, ModelError, load_model, resolve_device, resolve_model_dtype,
+                                       resolve_source, run_hooks)
 
 
 class HarvestError(UserError):
@@ -68,6 +70,29 @@ def check_disk(out: Path, needed: int) -> None:
                            "free; free some space, ask for fewer --tokens, or write elsewhere with --out")
 
 
+def complete_tokens(out: Path, cfg: HarvestConfig) -> int | None:
+    """The tokens of a complete cache at `out` made with this config, else None (the writer decides the rest)."""
+    if not (out / "zarr.json").is_file():
+        return None
+    meta = open_cache(out).meta
+    return meta["n_tokens"] if meta.get("complete") and meta.get("identity") == cfg.identity() else None
+
+
+def check_context_fits(cfg: HarvestConfig) -> None:
+    """The cheapest look at the model (its config.json, no weights): every context fits its positions."""
+    from transformers import AutoConfig
+
+    source = resolve_source(cfg.model)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001 - no network, gated model, broken config: all are the user's to fix
+        raise ModelError(f"--model {cfg.model}: cannot read its config: {e}") from e
+    n_positions = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+    if n_positions is not None and cfg.context_size > n_positions:
+        raise HarvestError(f"--context-size {cfg.context_size}: {cfg.model} handles at most {n_positions} positions; "
+                           f"use --context-size {n_positions} or less")
+
+
 def cache_meta(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], n_target: int) -> dict[str, Any]:
     tok = loaded.tokenizer
     d_model = int(loaded.bridge.cfg.d_model)
@@ -90,14 +115,24 @@ def harvest(cfg: HarvestConfig, out: Path | None = None, *, overwrite: bool = Fa
     """Run the harvest (or resume it) and return the cache path. `loaded`: a model already loaded the way
     `load_model` does for these hooks (benchmarks reuse one)."""
     console = console or make_console()
-    hooks = hook_names(cfg.layers, cfg.hook)
+    hooks = hook_names(cfg.layers, cfg.hook)  # the config has checked every value on its own already
     n_target = (cfg.tokens // cfg.context_size) * cfg.context_size
-    if n_target == 0:
-        raise HarvestError(f"--tokens {cfg.tokens} is less than one context of {cfg.context_size} tokens")
-    device = resolve_device(cfg.device)
-    if loaded is None:
-        loaded = load_model(cfg.model, hooks, device=device, dtype=resolve_model_dtype(cfg.model_dtype, device))
     out = Path(out) if out is not None else default_out(cfg, hooks)
+    device = resolve_device(cfg.device)
+    done = None if overwrite else complete_tokens(out, cfg)
+    if done is not None:  # before the lock: a finished cache may be read-only
+        console.print(f"[green]{out} is already complete[/] ({done:,} tokens); nothing to do")
+        return out
+    check_output_dir(out)
+    if out.is_dir() and not (out / "zarr.json").exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        # Not a cache, nor the leftovers of creating one (the group's zarr.json is its first file): the writer
+        # would clear it, so it is refused even with --overwrite.
+        raise HarvestError(f"--out {out}: the folder exists and is not an activation cache; give a new folder")
+    # A dataset that is missing or lacks the text column is refused before the model loads and the cache exists.
+    docs = open_documents(cfg.dataset, cfg.split, cfg.text_column, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+    if loaded is None:
+        check_context_fits(cfg)
+        loaded = load_model(cfg.model, hooks, device=device, dtype=resolve_model_dtype(cfg.model_dtype, device))
     meta = cache_meta(cfg, loaded, hooks, n_target)
     with CacheWriter.open(out, meta, identity=cfg.identity(), overwrite=overwrite) as writer:
         if writer.meta["complete"]:
@@ -108,14 +143,13 @@ def harvest(cfg: HarvestConfig, out: Path | None = None, *, overwrite: bool = Fa
                       + (f" (resuming at {writer.n_tokens:,})" if writer.n_tokens else "")
                       + f"; estimated size still to write {needed / 1e6:,.1f} MB")
         check_disk(out, needed)
-        _write_shards(cfg, loaded, hooks, writer, n_target, console)
+        _write_shards(cfg, loaded, hooks, docs, writer, n_target, console)
     return out
 
 
-def _write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], writer: CacheWriter, n_target: int,
-                  console: Console) -> None:
+def _write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], docs: Iterator[str], writer: CacheWriter,
+                  n_target: int, console: Console) -> None:
     position = Position(**writer.meta["dataset"]["position"])
-    docs = open_documents(cfg.dataset, cfg.split, cfg.text_column, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
     skipped: list[dict] = []  # documents that could not be read, appended in order by the tokenizing thread
     # Tokenizing runs a few batches ahead in its own thread (the tokenizer releases the GIL while it encodes).
     contexts = background(pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position, skipped),

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from sae_cache.sae_common.allocator import retain_freed_memory
+from sae_cache.sae_common.checks import COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES, STORED_DTYPES, TRAIN_DTYPES
 from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
 from sae_cache.sae_common.errors import UserError
 
@@ -60,7 +61,8 @@ def main() -> None:
 
 @main.command()
 @option(HarvestConfig, "model")
-@option(HarvestConfig, "layers", "--layer", "-l", type=int, multiple=True, help="Layer(s) to harvest (repeatable).")
+@option(HarvestConfig, "layers", "--layer", "-l", type=int, multiple=True, show_default=False,
+        help=field_doc(HarvestConfig, "layers") + " Repeatable.")
 @option(HarvestConfig, "hook")
 @option(HarvestConfig, "dataset")
 @option(HarvestConfig, "split")
@@ -70,9 +72,9 @@ def main() -> None:
 @option(HarvestConfig, "prepend_bos", "--prepend-bos/--no-prepend-bos")
 @option(HarvestConfig, "shuffle_buffer", type=int)
 @option(HarvestConfig, "seed", type=int)
-@option(HarvestConfig, "dtype", type=click.Choice(["bfloat16", "float16", "float32"]))
-@option(HarvestConfig, "model_dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@option(HarvestConfig, "compression", type=click.Choice(["zstd", "lz4", "none"]))
+@option(HarvestConfig, "dtype", type=click.Choice(STORED_DTYPES))
+@option(HarvestConfig, "model_dtype", type=click.Choice(MODEL_DTYPES))
+@option(HarvestConfig, "compression", type=click.Choice(COMPRESSIONS))
 @option(HarvestConfig, "rows_per_shard", type=int)
 @option(HarvestConfig, "batch_size", type=int)
 @option(HarvestConfig, "device")
@@ -85,10 +87,11 @@ def harvest(out: Path | None, overwrite: bool, **options: Any) -> None:
 
     Rerunning the same command resumes an interrupted harvest from its last complete shard.
     """
+    options["layers"] = tuple(options["layers"])  # empty: the config's default for the hook
+    cfg = HarvestConfig(**options)  # checks every value before the heavy imports
     from sae_cache.harvest.run import harvest as run_harvest
 
-    options["layers"] = tuple(options["layers"]) or default(HarvestConfig, "layers")
-    path = run_harvest(HarvestConfig(**options), out, overwrite=overwrite)
+    path = run_harvest(cfg, out, overwrite=overwrite)
     click.echo(str(path))
 
 
@@ -98,21 +101,25 @@ def _list_of(kind: type) -> Callable:
     def parse(ctx: click.Context, param: click.Parameter, values: tuple) -> tuple:
         out = []
         for value in values:
+            if not str(value).replace(",", "").strip():
+                raise click.BadParameter(f"{value!r} holds no value")
             for part in str(value).split(","):
                 if part.strip():
                     try:
                         out.append(parse_count(part) if kind is int else kind(part.strip()))
-                    except ValueError:
-                        raise click.BadParameter(f"{part!r} is not a valid {kind.__name__}") from None
+                    except ValueError:  # the range (e.g. positive) is the config's to check, with the flag's name
+                        what = "a whole number" if kind is int else "a number"
+                        raise click.BadParameter(f"{part!r} is not {what}") from None
         return tuple(out)
 
     return parse
 
 
 def many(name: str, flag: str, kind: type) -> Callable:
+    shown = ",".join(map(str, default(TrainConfig, name)))
+    shown = f" [default: {shown}]" if shown else ""  # none: the field's help says what the default is
     return option(TrainConfig, name, flag, multiple=True, callback=_list_of(kind), default=(), show_default=False,
-                  help=field_doc(TrainConfig, name) + f" Repeat or comma-separate. [default: "
-                       f"{','.join(map(str, default(TrainConfig, name))) or 'see below'}]")
+                  help=f"{field_doc(TrainConfig, name)} Repeat or comma-separate.{shown}")
 
 
 @main.command()
@@ -129,13 +136,14 @@ def many(name: str, flag: str, kind: type) -> Callable:
 @option(TrainConfig, "batch_size", type=int)
 @option(TrainConfig, "tokens", type=str, callback=_count)
 @option(TrainConfig, "seed", type=int)
-@option(TrainConfig, "input_norm", type=click.Choice(["none", "standardize", "scalar"]))
+@option(TrainConfig, "input_norm", type=click.Choice(INPUT_NORMS))
 @option(TrainConfig, "dead_tokens", type=str, callback=_count)
 @option(TrainConfig, "holdout_fraction", type=float)
 @option(TrainConfig, "checkpoint_every", type=str, callback=_count)
 @option(TrainConfig, "log_every", type=int)
 @option(TrainConfig, "device")
-@option(TrainConfig, "dtype", type=click.Choice(["float32", "bfloat16"]))
+@option(TrainConfig, "dtype", type=click.Choice(TRAIN_DTYPES))
+@option(TrainConfig, "shuffle_tokens", type=str, callback=_count)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: cache/runs/<cache>-<hash of the sweep>, so a rerun resumes).")
 @user_errors
@@ -157,7 +165,7 @@ def train(out: Path | None, **options: Any) -> None:
 @click.argument("saes", nargs=-1, metavar="[SAE_DIR]...")
 @option(EvalConfig, "cache", type=str)
 @option(EvalConfig, "model", type=str)
-@option(EvalConfig, "model_dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@option(EvalConfig, "model_dtype", type=click.Choice(MODEL_DTYPES))
 @option(EvalConfig, "dataset", type=str)
 @option(EvalConfig, "tokens", type=str, callback=_count)
 @option(EvalConfig, "batch_size", type=int)
@@ -172,9 +180,10 @@ def eval_command(**options: Any) -> None:
     SAE_DIR: SAE directories or training run directories (default: every SAE of the newest run under
     ./cache/runs). Writes eval.json beside each SAE, eval_summary.json and plots/ in the run directory.
     """
+    cfg = EvalConfig(**options)  # checks every value before the heavy imports
     from sae_cache.evaluate.run import evaluate
 
-    evaluate(EvalConfig(**options))
+    evaluate(cfg)
 
 @main.group()
 def cache() -> None:

@@ -1,4 +1,10 @@
-"""Configuration dataclasses: the one place where defaults live. The CLI options read their defaults here."""
+"""Configuration dataclasses: the one place where defaults live and where every value is checked.
+
+The CLI options read their defaults here, and `Config(**options)` checks each field in `__post_init__` before a
+command does any work, so the Python API refuses exactly what the command line refuses. Every message starts
+with the flag and the value (`--batch-size 0: must be a positive integer`). Checks that need the model, the
+cache or the file system run at the start of each command, on the cheapest look at them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,13 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MAX_SEED, MODEL_DTYPES, STORED_DTYPES, TRAIN_DTYPES,
+                                         bad, check_bool, check_choice, check_device, check_float, check_int,
+                                         check_list, check_text)
 from sae_cache.sae_common.errors import ConfigError
+
+DEFAULT_LAYER = 12  # with a hook kind and no --layer
+DEFAULT_EXPANSION = 8  # without --dict-size
 
 HOOK_KINDS = {
     "resid_post": "blocks.{layer}.hook_resid_post",
@@ -24,15 +36,16 @@ _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 
 
 def parse_count(text: str | int) -> int:
-    """'10M' -> 10_000_000, '1B' -> 1_000_000_000, '2.5k' -> 2500, '4096' -> 4096."""
+    """'10M' -> 10_000_000, '1B' -> 1_000_000_000, '2.5k' -> 2500, '4096' -> 4096. Only the syntax: whether a
+    count may be 0 is the config's to say, with the flag's name."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", str(text).replace("_", ""))
     if not m:
         raise ConfigError(f"{text!r} is not a count; use a number with an optional K, M or B suffix (e.g. 10M, 1B)")
     value = float(m.group(1)) * _SUFFIXES[m.group(2).upper()]
-    if value != int(value) or value <= 0:
-        raise ConfigError(f"{text!r} must be a positive whole number of tokens")
+    if value != int(value):
+        raise ConfigError(f"{text!r} is not a whole number")
     return int(value)
 
 
@@ -48,14 +61,21 @@ def hook_names(layers: tuple[int, ...], hook: str) -> list[str]:
                      "name such as blocks.12.hook_resid_post")
 
 
+def _own_layer(hook: str) -> tuple[int, ...]:
+    """The block of a full hook name, as model.hook_layer says (that module loads torch; this one must not)."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return (int(m.group(1)),) if m else ()
+
+
 @dataclass(frozen=True)
 class HarvestConfig:
     """Everything that decides what a harvest writes. Recorded in full in the cache's attributes."""
 
     model: str = "gemma-2-2b"
     """transformer-lens model name (hub, needs network) or a local Hugging Face checkpoint directory."""
-    layers: tuple[int, ...] = (12,)
-    """Layers to harvest; all hooks come from one forward pass."""
+    layers: tuple[int, ...] = ()
+    """Layers to harvest; all hooks come from one forward pass. Default: 12 with a hook kind; a full hook name
+    brings its own layer (and another --layer beside it is refused rather than ignored)."""
     hook: str = "resid_post"
     """resid_post, resid_pre, resid_mid, mlp_out, attn_out, or a full transformer-lens hook name."""
     dataset: str = "monology/pile-uncopyrighted"
@@ -86,6 +106,40 @@ class HarvestConfig:
 
     # Fields that may differ when resuming: they change how fast, not what is written (up to float rounding).
     EXECUTION_FIELDS = ("batch_size", "device")
+
+    def __post_init__(self) -> None:
+        check_text("model", self.model)
+        if not isinstance(self.hook, str) or (self.hook not in HOOK_KINDS and "." not in self.hook):
+            raise ConfigError(f"--hook: unknown hook {self.hook!r}; use one of {', '.join(HOOK_KINDS)} or a full "
+                              "transformer-lens hook name such as blocks.12.hook_resid_post")
+        layers = check_list(self, "layers", lambda n, v: check_int(n, v, 0), required=False)
+        if self.hook in HOOK_KINDS:
+            object.__setattr__(self, "layers", layers or (DEFAULT_LAYER,))
+        else:
+            own = _own_layer(self.hook)
+            if layers and layers != own:
+                raise bad("layers", ",".join(map(str, layers)), f"--hook {self.hook} is a full hook name and names "
+                          f"its own layer; leave out --layer, or give a hook kind (e.g. --hook resid_post --layer N)")
+            object.__setattr__(self, "layers", own)
+        for name in ("dataset", "split", "text_column"):
+            check_text(name, getattr(self, name))
+        check_int("context_size", self.context_size, 2)  # BOS and at least one token of text
+        check_int("tokens", self.tokens)
+        if self.tokens < self.context_size:
+            raise bad("tokens", self.tokens, f"less than one context of {self.context_size} tokens (--context-size)")
+        check_bool("prepend_bos", self.prepend_bos)
+        check_int("shuffle_buffer", self.shuffle_buffer, 0)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_choice("dtype", self.dtype, STORED_DTYPES, "dtype")
+        check_choice("model_dtype", self.model_dtype, MODEL_DTYPES, "model dtype")
+        check_choice("compression", self.compression, COMPRESSIONS, "compression")
+        if self.rows_per_shard is not None:
+            check_int("rows_per_shard", self.rows_per_shard)
+            if self.rows_per_shard % self.context_size:
+                raise bad("rows_per_shard", self.rows_per_shard, f"must be a multiple of --context-size "
+                          f"{self.context_size} (shards hold whole contexts)")
+        check_int("batch_size", self.batch_size)
+        check_device("device", self.device)
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
@@ -132,8 +186,9 @@ class TrainConfig:
     """Active latents per token (k-architectures; BatchTopK paper: 16, 32, 64)."""
     dict_sizes: tuple[int, ...] = ()
     """Dictionary sizes (latents); default: d_model x --expansion."""
-    expansions: tuple[int, ...] = (8,)
-    """Dictionary size as a multiple of d_model, when --dict-size is not given."""
+    expansions: tuple[int, ...] = ()
+    """Dictionary size as a multiple of d_model; default 8 when --dict-size is not given (beside --dict-size it
+    is refused rather than ignored)."""
     l1_coeffs: tuple[float, ...] = (0.01,)
     """relu: L1 coefficients."""
     l0_coeffs: tuple[float, ...] = (0.002,)
@@ -167,6 +222,37 @@ class TrainConfig:
 
     # May change when resuming: they change how the run is executed or reported, not what it computes.
     EXECUTION_FIELDS = ("tokens", "checkpoint_every", "log_every", "device", "cache")
+
+    def __post_init__(self) -> None:
+        from sae_cache.sae_common.architectures import ARCHS  # here, not at import: it loads torch
+
+        check_text("cache", self.cache, optional=True)
+        check_text("hook", self.hook, optional=True)
+        check_list(self, "archs", lambda n, v: check_choice(n, v, tuple(ARCHS), "architecture"))
+        check_list(self, "ks", check_int)
+        sizes = check_list(self, "dict_sizes", check_int, required=False)
+        expansions = check_list(self, "expansions", check_int, required=False)
+        if sizes and expansions:
+            raise bad("expansions", ",".join(map(str, expansions)), "--dict-size already sets the dictionary size; "
+                      "give one of --dict-size and --expansion")
+        object.__setattr__(self, "expansions", () if sizes else expansions or (DEFAULT_EXPANSION,))
+        check_list(self, "l1_coeffs", lambda n, v: check_float(n, v, 0))
+        check_list(self, "l0_coeffs", lambda n, v: check_float(n, v, 0))
+        check_list(self, "lrs", lambda n, v: check_float(n, v, 0, above=True))
+        check_int("batch_size", self.batch_size)
+        if self.tokens is not None:
+            check_int("tokens", self.tokens)
+            if self.tokens < self.batch_size:
+                raise bad("tokens", self.tokens, f"fewer than one batch of {self.batch_size} tokens (--batch-size)")
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_choice("input_norm", self.input_norm, INPUT_NORMS, "input norm")
+        check_int("dead_tokens", self.dead_tokens)
+        check_float("holdout_fraction", self.holdout_fraction, 0, high=0.5)  # holdout_start never holds out more
+        check_int("checkpoint_every", self.checkpoint_every)
+        check_int("log_every", self.log_every)
+        check_device("device", self.device)
+        check_choice("dtype", self.dtype, TRAIN_DTYPES, "training dtype")
+        check_int("shuffle_tokens", self.shuffle_tokens)
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
@@ -205,6 +291,23 @@ class EvalConfig:
     instead of their inference threshold (BatchTopK paper, §3)."""
     out: str | None = None
     """Where eval_summary.json and plots/ go (default: the SAEs' run directory)."""
+
+    def __post_init__(self) -> None:
+        check_list(self, "saes", check_text, required=False)
+        check_text("cache", self.cache, optional=True)
+        check_text("model", self.model, optional=True)
+        check_choice("model_dtype", self.model_dtype, MODEL_DTYPES, "model dtype")
+        if self.dataset is not None:
+            raise ConfigError(f"--dataset {self.dataset!r}: evaluating on fresh text is not supported yet; `sae eval` "
+                              "reads the held-out rows of the cache the SAEs were trained on (choose how many with "
+                              "--tokens)")
+        if self.tokens is not None:
+            check_int("tokens", self.tokens)
+        check_int("batch_size", self.batch_size)
+        check_device("device", self.device)
+        check_bool("include_bos", self.include_bos)
+        check_bool("batch_mode", self.batch_mode)
+        check_text("out", self.out, optional=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -96,7 +96,7 @@ def load_sae(directory: str | Path) -> SAE:
     missing = [name for name in (RECORD_FILE, NATIVE_FILE) if not (directory / name).is_file()]
     if missing:
         raise UserError(f"{directory} is not an SAE saved by this project: {', '.join(missing)} missing")
-    record = json.loads((directory / RECORD_FILE).read_text())
+    record = load_record(directory)
     if record.get("record_version") != RECORD_VERSION:
         raise UserError(f"{directory / RECORD_FILE} has record_version {record.get('record_version')!r}; "
                         f"this code reads version {RECORD_VERSION}")
@@ -107,7 +107,14 @@ def load_sae(directory: str | Path) -> SAE:
 
 def load_record(directory: str | Path) -> dict:
     """The sae_record.json of a saved SAE: config, model_name, hook_name and the extra record."""
-    return json.loads((Path(directory) / RECORD_FILE).read_text())
+    path = Path(directory) / RECORD_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged (not JSON: {e}); save the SAE again, or train it again") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); save the SAE again, or train it again")
+    return record
 
 
 def find_runs(root: str | Path = DEFAULT_ROOT) -> list[Path]:

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from sae_cache.sae_common.cache_format import (DEFAULT_ROOT, Cache, CacheError, damaged, find_caches, holdout_start,
                                                 open_cache, verify)
+from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.console import make_console
 from sae_cache.sae_common.errors import UserError
@@ -54,7 +55,7 @@ def pick_hook(cfg: TrainConfig, cache: Cache) -> str:
             raise UserError(f"the cache has several hooks; choose one with --hook: {', '.join(cache.hooks)}")
         return cache.hooks[0]
     if cfg.hook not in cache.hooks:
-        raise UserError(f"the cache {cache.path} has no hook {cfg.hook!r}; it has: {', '.join(cache.hooks)}")
+        raise UserError(f"--hook: the cache {cache.path} has no hook {cfg.hook!r}; it has: {', '.join(cache.hooks)}")
     return cfg.hook
 
 
@@ -93,17 +94,18 @@ def build_members(entries: list[SweepEntry], device: str, seed: int, dtype: str 
 def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = None) -> Path:
     """Train (or resume) the sweep; returns the run directory."""
     console = console or make_console()
+    device = resolve_device(cfg.device)  # the config checked each value; what needs the machine or the cache is here
     cache = pick_cache(cfg, console)
     hook = pick_hook(cfg, cache)
     entries = expand(cfg, cache.d_model)
     run_dir = Path(out) if out is not None else default_run_dir(cfg, cache, hook)
+    check_output_dir(run_dir)
     state = check_resume(run_dir, cfg.identity())
     rows = (0, holdout_start(cache, cfg.holdout_fraction))
     n_batches = (cfg.tokens or rows[1]) // cfg.batch_size
     if n_batches == 0:
         raise UserError(f"{cfg.tokens or rows[1]:,} training tokens make no batch of {cfg.batch_size:,}; "
                         "ask for more --tokens or a smaller --batch-size")
-    device = resolve_device(cfg.device)
     if cfg.dtype == "bfloat16" and device == "cpu":
         console.print("[yellow]--dtype bfloat16 on the CPU: bf16 matmuls ran 230x slower than float32 on a CPU "
                       "without bf16 units (bench/train_bench.py); float32 is the CPU's fast path[/]")
