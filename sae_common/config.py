@@ -247,12 +247,25 @@ class TrainConfig:
         check_int("seed", self.seed, 0, MAX_SEED)
         check_choice("input_norm", self.input_norm, INPUT_NORMS, "input norm")
         check_int("dead_tokens", self.dead_tokens)
+        self._check_group_fractions()
         check_float("holdout_fraction", self.holdout_fraction, 0, high=0.5)  # holdout_start never holds out more
         check_int("checkpoint_every", self.checkpoint_every)
         check_int("log_every", self.log_every)
         check_device("device", self.device)
         check_choice("dtype", self.dtype, TRAIN_DTYPES, "training dtype")
         check_int("shuffle_tokens", self.shuffle_tokens)
+
+    def _check_group_fractions(self) -> None:
+        # not check_list: equal groups repeat a fraction on purpose (the paper's 1/16, 1/16, ...)
+        if isinstance(self.group_fractions, (str, bytes)) or not isinstance(self.group_fractions, (tuple, list)):
+            raise bad("group_fractions", self.group_fractions, "must be a list of values")
+        fractions = tuple(self.group_fractions)
+        object.__setattr__(self, "group_fractions", fractions)
+        for value in fractions:
+            check_float("group_fractions", value, 0, above=True, high=1)
+        if not fractions or abs(sum(fractions) - 1) > 1e-6:
+            raise bad("group_fractions", ",".join(f"{v:g}" for v in fractions),
+                      f"must sum to 1 (they sum to {sum(fractions):g}), e.g. 0.0625,0.0625,0.125,0.25,0.5")
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
