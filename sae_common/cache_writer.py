@@ -9,7 +9,6 @@ data when parts of one shard are written concurrently. One writer at a time per 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +30,7 @@ from sae_cache.sae_common.cache_format import (
     open_cache,
     shard_file,
 )
+from sae_cache.sae_common.files import Locked, acquire_lock
 
 LOCK_FILE = ".writer.lock"
 
@@ -155,17 +155,11 @@ class CacheWriter:
 
 def _acquire_lock(path: Path) -> int:
     """An exclusive flock on a file in the cache: released by the kernel when the process dies (kill -9 too)."""
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise CacheLockedError(f"another process (pid {holder}) is writing the cache {path}; "
+        return acquire_lock(path / LOCK_FILE)
+    except Locked as e:
+        raise CacheLockedError(f"another process (pid {e.holder}) is writing the cache {path}; "
                                "wait for it to finish or stop it, then run again") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
 
 
 def _clear_except_lock(path: Path) -> None:
