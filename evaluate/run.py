@@ -67,12 +67,12 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
     reports = [sae_report(t, sae_metrics(stats, g.acts, ce_clean, g.ce_zero, g.ce_mean), cfg=cfg, cache=cache,
                           rows=rows, model=loaded.source)
                for g in groups for t, stats in g.members]
-    out = output_dir(targets, cfg.out)
+    out = output_dir(targets, cfg.out)  # with --out, every output goes there: the SAE directories stay as they are
     plots = save_plots(reports, out / "plots")
-    summary = write_reports(reports, out, plots=[str(p) for p in plots.values()])
+    summary = write_reports(reports, out, plots=[str(p) for p in plots.values()], beside_saes=cfg.out is None)
     print_table(reports, console)
-    console.print(f"[green]done[/]: eval.json in each SAE directory, {summary} and {len(plots)} plot(s) in "
-                  f"{out / 'plots'}")
+    where = "each SAE directory" if cfg.out is None else f"{out}/<SAE>/"
+    console.print(f"[green]done[/]: eval.json in {where}, {summary} and {len(plots)} plot(s) in {out / 'plots'}")
     return reports
 
 

@@ -199,7 +199,8 @@ class EvalConfig:
     """Encode batchtopk, feature_choice and mutual_choice SAEs with their batch-level training selection
     instead of their inference threshold (BatchTopK paper, §3)."""
     out: str | None = None
-    """Where eval_summary.json and plots/ go (default: the SAEs' run directory)."""
+    """Where every output goes: eval_summary.json, plots/ and <SAE name>/eval.json (default: the SAEs' run
+    directory, with eval.json beside each SAE)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
