@@ -1,11 +1,12 @@
-"""What `sae eval` writes and prints: eval.json beside each SAE, eval_summary.json for the run (the scalars of
-every SAE, the config and what was evaluated), and a table on the terminal, one row per SAE sorted by L0."""
+"""What `sae eval` writes and prints: eval.json per SAE, eval_summary.json for the run (the scalars of every SAE,
+the config and what was evaluated), and a table on the terminal, one row per SAE sorted by L0. By default
+eval.json goes beside each SAE; with --out, every output goes under that directory (<out>/<sae>/eval.json),
+and the SAE directories are left as they were."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from rich.table import Table
 from sae_cache.evaluate.sources import Target
 from sae_cache.sae_common.cache_format import Cache
 from sae_cache.sae_common.config import EvalConfig
+from sae_cache.sae_common.files import write_atomic
 
 EVAL_FILE = "eval.json"
 SUMMARY_FILE = "eval_summary.json"
@@ -37,15 +39,20 @@ def sae_report(target: Target, result: dict, *, cfg: EvalConfig, cache: Cache, r
 
 
 def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=2, allow_nan=False))
-    os.replace(tmp, path)  # a reader never sees half a file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(content, indent=2, allow_nan=False).encode())  # never half a file
 
 
-def write_reports(reports: list[dict], out: Path, plots: list[str]) -> Path:
-    """eval.json in each SAE's directory, and eval_summary.json (scalars only) in `out`; returns the latter."""
+def eval_file(report: dict, out: Path | None) -> Path:
+    """Where one SAE's eval.json goes: beside the SAE, or <out>/<sae name>/ when --out is given."""
+    return (Path(report["path"]) if out is None else out / report["sae"]) / EVAL_FILE
+
+
+def write_reports(reports: list[dict], out: Path, plots: list[str], beside_saes: bool = True) -> Path:
+    """eval.json per SAE (in its directory if `beside_saes`, else under `out`), and eval_summary.json (scalars
+    only) in `out`; returns the latter."""
     for r in reports:
-        _write_json(Path(r["path"]) / EVAL_FILE, r)
+        _write_json(eval_file(r, None if beside_saes else out), r)
     first = reports[0]
     summary = {"config": first["config"], "model": first["model"], "cache": first["cache"], "rows": first["rows"],
                "include_bos": first["include_bos"], "plots": plots,

@@ -71,10 +71,10 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
                           rows=rows, model=loaded.source)
                for g in groups for t, stats in g.members]
     plots = save_plots(reports, out / "plots")
-    summary = write_reports(reports, out, plots=[str(p) for p in plots.values()])
+    summary = write_reports(reports, out, plots=[str(p) for p in plots.values()], beside_saes=cfg.out is None)
     print_table(reports, console)
-    console.print(f"[green]done[/]: eval.json in each SAE directory, {summary} and {len(plots)} plot(s) in "
-                  f"{out / 'plots'}")
+    where = "each SAE directory" if cfg.out is None else f"{out}/<SAE>/"
+    console.print(f"[green]done[/]: eval.json in {where}, {summary} and {len(plots)} plot(s) in {out / 'plots'}")
     return reports
 
 

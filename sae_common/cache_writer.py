@@ -14,7 +14,6 @@ writer removes them under the lock.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +35,7 @@ from sae_cache.sae_common.cache_format import (
     open_cache,
     shard_file,
 )
+from sae_cache.sae_common.files import Locked, acquire_lock
 
 LOCK_FILE = ".writer.lock"
 PARTIAL = "*.partial"  # zarr's LocalStore writes each file as <name>.<uuid>.partial, then renames it
@@ -184,17 +184,11 @@ class CacheWriter:
 
 def _acquire_lock(path: Path) -> int:
     """An exclusive flock on a file in the cache: released by the kernel when the process dies (kill -9 too)."""
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise CacheLockedError(f"another process (pid {holder}) is writing the cache {path}; "
+        return acquire_lock(path / LOCK_FILE)
+    except Locked as e:
+        raise CacheLockedError(f"another process (pid {e.holder}) is writing the cache {path}; "
                                "wait for it to finish or stop it, then run again") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
 
 
 def _remove_partials(path: Path) -> None:

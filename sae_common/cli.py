@@ -36,8 +36,20 @@ def _count(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         raise click.BadParameter(str(e)) from None
 
 
+# What a Ctrl-C leaves, per command. A KeyboardInterrupt with a message says it more exactly (sae train's loop
+# raises one naming the batch it checkpointed); these cover a Ctrl-C anywhere else.
+INTERRUPTED = {
+    "harvest": "sae harvest interrupted: every complete shard is kept; run the same command again to resume",
+    "train": "sae train interrupted: its last checkpoint is kept; run the same command again to resume",
+    "eval_command": "sae eval interrupted: it writes its results only when it finishes; run it again",
+    "info": "sae cache info interrupted",
+    "verify": "sae cache verify interrupted: nothing was verified; run it again",
+}
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Errors a user can cause become a one-line message and exit code 1, never a traceback."""
+    """Errors a user can cause become a one-line message and exit code 1, never a traceback; Ctrl-C says what
+    it left and exits 130 (128 + SIGINT, so `sae train && sae eval` stops there)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -45,8 +57,8 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as e:
             raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted: every complete shard is kept; run the same command again to resume", err=True)
+        except KeyboardInterrupt as e:
+            click.echo(str(e) or INTERRUPTED.get(fn.__name__, "interrupted"), err=True)
             sys.exit(130)
 
     return wrapper
@@ -178,7 +190,8 @@ def eval_command(**options: Any) -> None:
     """Splice SAEs into the model on held-out tokens: NMSE, L0, dead latents, CE degradation and more.
 
     SAE_DIR: SAE directories or training run directories (default: every SAE of the newest run under
-    ./cache/runs). Writes eval.json beside each SAE, eval_summary.json and plots/ in the run directory.
+    ./cache/runs). Writes eval.json beside each SAE, eval_summary.json and plots/ in the run directory; with
+    --out, all of them under that directory instead (eval.json in <out>/<SAE name>/).
     """
     cfg = EvalConfig(**options)  # checks every value before the heavy imports
     from sae_cache.evaluate.run import evaluate

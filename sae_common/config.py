@@ -303,7 +303,8 @@ class EvalConfig:
     """Encode batchtopk, feature_choice and mutual_choice SAEs with their batch-level training selection
     instead of their inference threshold (BatchTopK paper, §3)."""
     out: str | None = None
-    """Where eval_summary.json and plots/ go (default: the SAEs' run directory)."""
+    """Where every output goes: eval_summary.json, plots/ and <SAE name>/eval.json (default: the SAEs' run
+    directory, with eval.json beside each SAE)."""
 
     def __post_init__(self) -> None:
         check_list(self, "saes", check_text, required=False)

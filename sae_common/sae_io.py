@@ -3,7 +3,8 @@ record and native weights so that `load_sae` restores our SAE exactly. Safetenso
 
     <directory>/cfg.json                  SAELens v6 config (architecture, d_in, d_sae, ..., metadata)
     <directory>/sae_weights.safetensors   SAELens parameter names, input normalisation folded in
-    <directory>/sae_record.json           our full SAEConfig, model/hook names and the caller's extra record
+    <directory>/sae_record.json           our full SAEConfig, model/hook names, the caller's extra record and
+                                          the SHA-256 of both weight files (load_sae verifies them)
     <directory>/sae_native.safetensors    our parameters and buffers, unfolded
 
 SAELens format followed: decoderesearch/SAELens (pyproject version 6.52.0), files sae_lens/saes/sae.py
@@ -23,16 +24,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save as serialize
 
-from sae_cache.sae_common.cache_format import DEFAULT_ROOT
+from sae_cache.sae_common.cache_format import DEFAULT_ROOT, file_sha256
 from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.files import write_atomic
 from sae_cache.sae_common.sae import SAE, SAEConfig
 
 SAELENS_FORMAT_VERSION = "6.52.0"
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 RECORD_FILE, NATIVE_FILE = "sae_record.json", "sae_native.safetensors"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: with the weight files' SHA-256; version 1 (without) is still read
 # A training run directory holds run.json (cache, hook, model, holdout_start, the names of its SAEs) and
 # one saved SAE directory per name (train/run.py writes it; eval reads it).
 RUN_FILE = "run.json"
@@ -78,42 +81,66 @@ def save_sae(sae: SAE, directory: str | Path, *, model_name: str, hook_name: str
     directory.mkdir(parents=True, exist_ok=True)
     record = {"record_version": RECORD_VERSION, "config": asdict(sae.cfg), "model_name": model_name,
               "hook_name": hook_name, "extra": extra_record}
-    # serialise first, so a non-JSON-able extra_record fails before anything is written
-    record_text = json.dumps(record, indent=2)
+    json.dumps(record)  # serialise first, so a non-JSON-able extra_record fails before anything is written
     cfg_text = json.dumps(saelens_cfg(sae, model_name=model_name, hook_name=hook_name,
                                       extra_record=extra_record), indent=2)
-    save_file(saelens_weights(sae), directory / WEIGHTS_FILE)
     native = {name: t.detach().cpu().contiguous().clone() for name, t in sae.state_dict().items()}
-    save_file(native, directory / NATIVE_FILE)
-    (directory / CFG_FILE).write_text(cfg_text)
-    (directory / RECORD_FILE).write_text(record_text)
+    # every file atomically; the record, which holds the weights' checksums, last
+    sha256 = {WEIGHTS_FILE: write_atomic(directory / WEIGHTS_FILE, serialize(saelens_weights(sae))),
+              NATIVE_FILE: write_atomic(directory / NATIVE_FILE, serialize(native))}
+    write_atomic(directory / CFG_FILE, cfg_text.encode())
+    write_atomic(directory / RECORD_FILE, json.dumps({**record, "sha256": sha256}, indent=2).encode())
     return directory
 
 
 def load_sae(directory: str | Path) -> SAE:
-    """Rebuild the SAE that save_sae wrote, exactly (parameters and all buffers), on CPU in eval mode."""
+    """Rebuild the SAE that save_sae wrote, exactly (parameters and all buffers), on CPU in eval mode. Refuses
+    a directory whose weight files are not the ones save_sae wrote (damaged, truncated, replaced)."""
     directory = Path(directory)
     missing = [name for name in (RECORD_FILE, NATIVE_FILE) if not (directory / name).is_file()]
     if missing:
         raise UserError(f"{directory} is not an SAE saved by this project: {', '.join(missing)} missing")
     record = load_record(directory)
-    if record.get("record_version") != RECORD_VERSION:
+    if record.get("record_version") not in (1, RECORD_VERSION):
         raise UserError(f"{directory / RECORD_FILE} has record_version {record.get('record_version')!r}; "
-                        f"this code reads version {RECORD_VERSION}")
-    sae = SAE(SAEConfig(**record["config"]))
-    sae.load_state_dict(load_file(directory / NATIVE_FILE))
+                        f"this code reads versions 1 to {RECORD_VERSION}")
+    if record["record_version"] >= 2:
+        verify_sae_files(directory, record)
+    try:
+        sae = SAE(SAEConfig(**record["config"]))
+        sae.load_state_dict(load((directory / NATIVE_FILE).read_bytes()))
+    except (SafetensorError, TypeError, KeyError, RuntimeError) as e:  # version 1: no checksums to catch it first
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"{directory} holds an SAE that cannot be loaded ({reason}); save it again or retrain "
+                        "it") from None
     return sae.eval()
+
+
+def verify_sae_files(directory: Path, record: dict) -> None:
+    """Each weight file the record lists exists and has the SHA-256 recorded when it was written."""
+    sha256 = record.get("sha256")
+    if not isinstance(sha256, dict) or set(sha256) != {WEIGHTS_FILE, NATIVE_FILE}:
+        raise UserError(f"{directory / RECORD_FILE} is damaged: its sha256 entry is missing or malformed")
+    for name, expected in sha256.items():
+        file = directory / name
+        if not file.is_file():
+            raise UserError(f"{file} is missing; {directory} is not a whole saved SAE (retrain it, or restore it "
+                            "from a copy)")
+        if file_sha256(file) != expected:
+            raise UserError(f"{file} is damaged: its SHA-256 differs from the one {RECORD_FILE} recorded when it "
+                            "was written. Restore it from a copy, or retrain the SAE")
 
 
 def load_record(directory: str | Path) -> dict:
     """The sae_record.json of a saved SAE: config, model_name, hook_name and the extra record."""
     path = Path(directory) / RECORD_FILE
     try:
-        record = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is damaged (not JSON: {e}); save the SAE again, or train it again") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{path} is damaged (not a JSON object); save the SAE again, or train it again")
+        record = json.loads(path.read_bytes())
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        raise UserError(f"{path} is damaged (not JSON, or truncated); restore it from a copy, or retrain "
+                        "the SAE") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise UserError(f"{path} is damaged: it has no config")
     return record
 
 

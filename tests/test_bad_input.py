@@ -126,7 +126,7 @@ TABLE = [
     Bad(E, "SAE_DIR", ("{cwd}/nope",), "nope does not exist; give SAE directories", names="nope"),
     Bad(E, "SAE_DIR", ("{empty}",), "is not an SAE directory: sae_record.json and sae_native.safetensors missing",
         names="{empty}"),
-    Bad(E, "SAE_DIR", ("{damaged_sae}",), "sae_record.json is damaged (not JSON", names="{damaged_sae}"),
+    Bad(E, "SAE_DIR", ("{damaged_sae}",), "sae_record.json is damaged (not JSON, or truncated)", names="{damaged_sae}"),
     Bad(E, "--cache", ("--cache", "{cwd}/nope.zarr"), "is not an activation cache", names="nope.zarr"),
     Bad(E, "--model", ("--model", "./nope"), "./nope is not a checkpoint directory", names="./nope"),
     Bad(E, "--model-dtype", ("--model-dtype", "int8"), "'int8' is not one of", code=2),

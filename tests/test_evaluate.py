@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -211,16 +212,28 @@ def test_three_saes_in_one_run_equal_three_separate_runs(evaluated_run, tmp_path
     for name, report in together.items():
         result = eval_cli(run / name, "--out", tmp_path / name)
         assert result.exit_code == 0, result.output
-        alone = read_eval(run / name)
+        alone = read_eval(tmp_path / name / name)
         for key in ("metrics", "l0_histogram", "latent_frequency"):
             assert alone[key] == report[key], (name, key)
+
+
+def test_with_out_every_output_goes_there_and_the_sae_directories_stay_as_they_were(evaluated_run, tmp_path):
+    run, _, together = evaluated_run
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = eval_cli(run, "--tokens", 256, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # eval.json, summary, plots
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.json")) == sorted(
+        [*(f"{name}/eval.json" for name in together), "eval_summary.json"])
+    assert all(read_eval(tmp_path / "out" / name)["metrics"]["tokens"] == 248 for name in together)  # 8 contexts
+    assert len(list((tmp_path / "out" / "plots").glob("*.png"))) == 4
 
 
 def test_batch_mode_encodes_with_the_batch_level_selection(evaluated_run, tmp_path):
     run, _, together = evaluated_run
     result = eval_cli(run / "batchtopk-k4-64", run / "relu-l1_0.01-64", "--batch-mode", "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    batch, relu = read_eval(run / "batchtopk-k4-64"), read_eval(run / "relu-l1_0.01-64")
+    batch, relu = read_eval(tmp_path / "batchtopk-k4-64"), read_eval(tmp_path / "relu-l1_0.01-64")
     assert batch["batch_mode"] is True and relu["batch_mode"] is False
     assert batch["metrics"]["l0"] == 4.0  # top k·B over each batch of B tokens: k per token on average
     assert batch["metrics"]["l0"] != together["batchtopk-k4-64"]["metrics"]["l0"]  # the threshold differs
@@ -287,3 +300,25 @@ def test_a_model_that_cannot_be_loaded_and_too_many_tokens_say_what_is_valid(wor
     assert "--tokens 4,096 is more than the 512 held-out tokens of" in out and "ask for at most 512" in out
     out = fails(run, "--dataset", "more.txt")
     assert "--dataset 'more.txt': evaluating on fresh text is not supported yet" in out
+
+
+def test_a_damaged_sae_is_refused_naming_the_file(evaluated_run, tmp_path):
+    copy = tmp_path / "topk"
+    shutil.copytree(evaluated_run[0] / "topk-k4-64", copy)
+    native = copy / "sae_native.safetensors"
+    data = bytearray(native.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight
+    native.write_bytes(bytes(data))
+    out = " ".join(fails(copy).split())
+    assert f"{native} is damaged: its SHA-256 differs from the one sae_record.json recorded" in out
+
+
+def test_a_run_trained_from_a_relative_cache_path_evaluates_from_any_directory(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(workspace)
+    result = cli("train", "--cache", "cache/g.zarr", "--out", tmp_path / "run", "--batch-size", 256, "--expansion",
+                 2, "--arch", "topk", "--k", 4, "--device", "cpu", "--tokens", 512)
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)  # where cache/g.zarr does not exist
+    result = eval_cli(tmp_path / "run", "--tokens", 64)
+    assert result.exit_code == 0, result.output
+    assert read_eval(tmp_path / "run" / "topk-k4-64")["cache"] == str(workspace / "cache" / "g.zarr")

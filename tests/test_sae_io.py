@@ -144,3 +144,31 @@ def test_load_errors(tmp_path):
     with pytest.raises(TypeError):  # not JSON-able: nothing is written
         save_sae(sae, tmp_path / "bad", model_name="m", hook_name="h", extra_record={"x": torch.ones(1)})
     assert not any((tmp_path / "bad").iterdir())
+
+
+def _flip_byte(file) -> None:
+    data = bytearray(file.read_bytes())
+    data[-7] ^= 0x40  # in the tensor data: the file still parses, one weight differs
+    file.write_bytes(bytes(data))
+
+
+def _truncate(file) -> None:
+    file.write_bytes(file.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("name", ["sae_native.safetensors", "sae_weights.safetensors"])
+@pytest.mark.parametrize("damage", [_flip_byte, _truncate])
+def test_a_damaged_weight_file_is_refused_naming_it(tmp_path, name, damage):
+    save_sae(trained_sae("topk"), tmp_path, model_name="m", hook_name="h", extra_record={})
+    damage(tmp_path / name)
+    with pytest.raises(UserError, match=f"{tmp_path / name} is damaged: its SHA-256 differs from the one "
+                                        "sae_record.json recorded"):
+        load_sae(tmp_path)
+
+
+def test_a_truncated_record_is_refused_naming_it(tmp_path):
+    save_sae(trained_sae("topk"), tmp_path, model_name="m", hook_name="h", extra_record={})
+    record = tmp_path / "sae_record.json"
+    record.write_text(record.read_text()[:-40])
+    with pytest.raises(UserError, match=f"{record} is damaged or truncated"):
+        load_sae(tmp_path)

@@ -95,11 +95,32 @@ def test_ctrl_c_checkpoints_and_the_rerun_resumes(cache, tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=60)[0].decode()
-    assert "checkpoint saved" in output, output
+    assert proc.returncode == 130, output  # so `sae train && sae eval` stops here
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert 0 < state["batches_done"] < 400_000 // 64
+    assert (f"sae train interrupted at batch {state['batches_done']:,} of 6,250: checkpoint saved in "
+            f"{tmp_path / 'run'}; run the same command again to resume") in " ".join(output.split())
+    assert "Traceback" not in output
+    assert json.loads(history.read_text().splitlines()[-1])["tokens"] == state["batches_done"] * 64
     resumed = CliRunner().invoke(main, [str(a) for a in args[:-2] + ["--tokens", state["batches_done"] * 64 + 640]])
     assert resumed.exit_code == 0 and f"resuming {tmp_path / 'run'} at batch {state['batches_done']:,}" in resumed.output
+
+
+def test_the_cache_is_recorded_absolute_and_files_are_written_with_the_umask_mode(cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(cache.parent)
+    old = os.umask(0o027)
+    try:
+        result = train_cli(Path(cache.name), tmp_path / "run", "--arch", "topk", "--k", 4, "--tokens", 1024)
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert json.loads((run / "run.json").read_text())["cache"] == str(cache)  # eval finds it from any directory
+    assert json.loads((run / "topk-k4-64" / "sae_record.json").read_text())["extra"]["cache"] == str(cache)
+    modes = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in run.rglob("*") if p.is_file()}
+    assert {"topk-k4-64/sae_weights.safetensors", "topk-k4-64/sae_native.safetensors", "topk-k4-64/checkpoint-4."
+            "safetensors", "state.json", "run.json"} <= set(modes)
+    assert set(modes.values()) == {"0o640"}, modes  # 0666 less the umask, as any file: none 0600
 
 
 def test_resuming_with_a_changed_config_names_the_fields(cache, tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from rich.console import Console
@@ -17,13 +20,16 @@ from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.console import make_console
 from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.files import Locked, acquire_lock
 from sae_cache.sae_common.model import resolve_device
 from sae_cache.sae_common.sae import SAE
 from sae_cache.sae_common.sae_io import RUN_FILE, save_sae
-from sae_cache.train.checkpoint import load_checkpoint, read_state, save_checkpoint, write_json_atomic
+from sae_cache.train.checkpoint import load_checkpoint, read_state, save_checkpoint, trim_histories, write_json_atomic
 from sae_cache.train.loader import ActivationLoader
 from sae_cache.train.sweep import SweepEntry, expand
-from sae_cache.train.trainer import Member, train_loop
+from sae_cache.train.trainer import Member, TrainingError, train_loop
+
+LOCK_FILE = ".train.lock"  # in the run directory: held by the `sae train` writing it
 
 
 def pick_cache(cfg: TrainConfig, console: Console, root: Path = DEFAULT_ROOT) -> Cache:
@@ -100,7 +106,6 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
     entries = expand(cfg, cache.d_model)
     run_dir = Path(out) if out is not None else default_run_dir(cfg, cache, hook)
     check_output_dir(run_dir)
-    state = check_resume(run_dir, cfg.identity())
     rows = (0, holdout_start(cache, cfg.holdout_fraction))
     n_batches = (cfg.tokens or rows[1]) // cfg.batch_size
     if n_batches == 0:
@@ -109,46 +114,98 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
     if cfg.dtype == "bfloat16" and device == "cpu":
         console.print("[yellow]--dtype bfloat16 on the CPU: bf16 matmuls ran 230x slower than float32 on a CPU "
                       "without bf16 units (bench/train_bench.py); float32 is the CPU's fast path[/]")
-    members = build_members(entries, device, cfg.seed, cfg.dtype)
-    for m in members:
-        (run_dir / m.name).mkdir(parents=True, exist_ok=True)
-    start = 0
-    if state is not None:
-        start = min(state["batches_done"], n_batches)
-        load_checkpoint(run_dir, members, state["batches_done"])
-        console.print(f"resuming {run_dir} at batch {start:,} ({start * cfg.batch_size:,} tokens)")
-    run_info = {"config": cfg.to_dict(), "cache": str(cache.path), "hook": hook, "model": cache.meta["model"],
-                "holdout_start": rows[1], "n_batches": n_batches, "saes": [m.name for m in members]}
-    write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
+    with run_lock(run_dir):
+        state = check_resume(run_dir, cfg.identity())
+        members = build_members(entries, device, cfg.seed, cfg.dtype)
+        saved = [state["batches_done"] if state else None]  # the checkpoint a failure leaves
+
+        def save(done: int) -> None:
+            save_checkpoint(run_dir, members, done, {"identity": cfg.identity()})
+            saved[0] = done
+
+        try:
+            start = resume(run_dir, members, state, cfg.batch_size, n_batches, console)
+            # absolute, so that eval finds the cache from any directory
+            run_info = {"config": cfg.to_dict(), "cache": os.path.abspath(cache.path), "hook": hook,
+                        "model": cache.meta["model"], "holdout_start": rows[1], "n_batches": n_batches,
+                        "saes": [m.name for m in members]}
+            write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
+            loader, batches = open_stream(cache, hook, cfg, rows, n_batches, start, device, members, console)
+            console.print(f"training {len(members)} SAE(s) on {hook} of {cache.path} for {n_batches:,} batches of "
+                          f"{cfg.batch_size:,} tokens into {run_dir}")
+            done = train_loop(members, batches, start_batch=start, n_batches=n_batches, batch_size=cfg.batch_size,
+                              log_every=cfg.log_every, run_dir=run_dir, save=save, source_rows=loader.source_rows,
+                              checkpoint_every_batches=max(1, cfg.checkpoint_every // cfg.batch_size),
+                              console=console)
+            export(members, entries, run_dir, cache, hook, cfg, run_info, done)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = (f"its last checkpoint (batch {saved[0]:,} of {n_batches:,}) is kept" if saved[0] is not None
+                    else "no checkpoint was written yet")
+            raise TrainingError(f"the disk holding {run_dir} is full: training stopped; {kept}. Free some space and "
+                                "run the same command again to resume") from None
+    console.print(f"[green]done[/]: {len(members)} SAE(s) in {run_dir}")
+    return run_dir
+
+
+def open_stream(cache: Cache, hook: str, cfg: TrainConfig, rows: tuple[int, int], n_batches: int, start: int,
+                device: str, members: list[Member], console: Console) -> tuple[ActivationLoader, Iterator[torch.Tensor]]:
+    """The training batches from batch `start` on; a fresh run first sets the SAEs' input scale from batch 0."""
     loader = ActivationLoader(cache, hook, batch_size=cfg.batch_size, n_batches=n_batches, rows=rows, seed=cfg.seed,
                               device=device, shuffle_tokens=cfg.shuffle_tokens, start_batch=start)
     if loader.epochs > 1:
         console.print(f"[yellow]{n_batches * cfg.batch_size:,} tokens exceed the cache's {loader.n_rows:,} training "
                       f"tokens: training takes {loader.epochs} epochs[/]")
-    console.print(f"training {len(members)} SAE(s) on {hook} of {cache.path} for {n_batches:,} batches of "
-                  f"{cfg.batch_size:,} tokens into {run_dir}")
     batches = iter(loader)
     if start == 0 and cfg.input_norm == "scalar":
         first = next(batches)  # the scale comes from the first training batch; checkpoints keep it
         for m in members:
             m.sae.set_input_scale(first)
         batches = itertools.chain([first], batches)
+    return loader, batches
 
-    def save(done: int) -> None:
-        save_checkpoint(run_dir, members, done, {"identity": cfg.identity()})
 
-    done = train_loop(members, batches, start_batch=start, n_batches=n_batches, batch_size=cfg.batch_size,
-                      log_every=cfg.log_every, checkpoint_every_batches=max(1, cfg.checkpoint_every // cfg.batch_size),
-                      run_dir=run_dir, save=save, source_rows=loader.source_rows, console=console)
-    if done < n_batches:
-        return run_dir
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One `sae train` per run directory: two would interleave checkpoints and history (an flock, released by
+    the kernel when the holder dies, kill -9 included)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = acquire_lock(run_dir / LOCK_FILE)
+    except Locked as e:
+        raise UserError(f"another `sae train` (pid {e.holder}) is training in {run_dir}; wait for it to finish or "
+                        "stop it, then run again") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def resume(run_dir: Path, members: list[Member], state: dict[str, Any] | None, batch_size: int, n_batches: int,
+           console: Console) -> int:
+    """Restore the checkpoint `state` names (verified first) and drop the history logged past it; returns
+    the batch to start from."""
+    done = state["batches_done"] if state is not None else 0
+    if state is not None:
+        load_checkpoint(run_dir, members, state)
+    for m in members:
+        (run_dir / m.name).mkdir(exist_ok=True)
+    trim_histories(run_dir, [m.name for m in members], done * batch_size)
+    start = min(done, n_batches)
+    if state is not None:
+        console.print(f"resuming {run_dir} at batch {start:,} ({start * batch_size:,} tokens)")
+    return start
+
+
+def export(members: list[Member], entries: list[SweepEntry], run_dir: Path, cache: Cache, hook: str,
+           cfg: TrainConfig, run_info: dict[str, Any], done: int) -> None:
+    """Save every trained SAE (SAELens files and our record), then mark the run complete."""
     for m, e in zip(members, entries):
         save_sae(m.sae, run_dir / m.name, model_name=cache.meta["model"], hook_name=hook,
-                 extra_record={"train_config": cfg.to_dict(), "lr": e.lr, "cache": str(cache.path),
-                               "holdout_start": rows[1], "tokens_trained": done * cfg.batch_size,
+                 extra_record={"train_config": cfg.to_dict(), "lr": e.lr, "cache": run_info["cache"],
+                               "holdout_start": run_info["holdout_start"], "tokens_trained": done * cfg.batch_size,
                                "final_metrics": m.last, "context_size": cache.meta["context_size"],
                                "prepend_bos": cache.meta["prepend_bos"],
                                "dataset_path": (cache.meta.get("dataset") or {}).get("source")})
     write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": True, "tokens_trained": done * cfg.batch_size})
-    console.print(f"[green]done[/]: {len(members)} SAE(s) in {run_dir}")
-    return run_dir

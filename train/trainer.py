@@ -21,12 +21,17 @@ from rich.table import Table
 
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.sae import SAE
+from sae_cache.train.checkpoint import HISTORY
 
 METRICS = ("loss", "mse", "fvu", "l0", "aux")
 
 
 class TrainingError(UserError):
-    """Training stopped on bad data or a diverged SAE; the last good checkpoint is kept."""
+    """Training stopped on bad data, a diverged SAE or a full disk; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C, handled: the checkpoint is saved; the message says so and how to resume (`sae` exits 130)."""
 
 
 @dataclass
@@ -90,8 +95,9 @@ def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_
                batch_size: int, log_every: int, checkpoint_every_batches: int, run_dir: Path,
                save: Callable[[int], None], source_rows: Callable[[int, list[int]], list[int]],
                console: Console) -> int:
-    """Train until `n_batches` or Ctrl-C; returns the number of batches done (checkpointed)."""
-    histories = {m.name: open(run_dir / m.name / "history.jsonl", "a") for m in members}
+    """Train until `n_batches`; returns the number of batches done (checkpointed). On Ctrl-C it checkpoints
+    the batches done and raises TrainingInterrupted."""
+    histories = {m.name: open(run_dir / m.name / HISTORY, "a") for m in members}
     done, t0, done0 = start_batch, time.perf_counter(), start_batch
     try:
         with StopFlag() as stop, Live(_table(members, done, n_batches, batch_size, 0.0), console=console,
@@ -112,13 +118,15 @@ def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_
                 if done % checkpoint_every_batches == 0 or at_end or stop.set:
                     save(done)
                 if stop.set:
-                    console.print(f"interrupted at batch {done:,}: checkpoint saved; run the same command to resume")
                     break
     finally:
         for f in histories.values():
             f.close()
         if not console.is_terminal:
             console.line()  # rich leaves a log's last table line unterminated; the next message would join it
+    if stop.set and done < n_batches:
+        raise TrainingInterrupted(f"sae train interrupted at batch {done:,} of {n_batches:,}: checkpoint saved in "
+                                  f"{run_dir}; run the same command again to resume")
     return done
 
 
