@@ -57,7 +57,13 @@ def find_sae_dirs(paths: tuple[str, ...], root: Path, console: Console) -> list[
 
 
 def run_sae_dirs(run: Path) -> list[Path]:
-    info = json.loads((run / RUN_FILE).read_text())
+    try:
+        info = json.loads((run / RUN_FILE).read_bytes())
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        raise EvalError(f"{run / RUN_FILE} is damaged or truncated (not valid JSON); name the run's SAE directories "
+                        "instead, or rerun its `sae train` command") from None
+    if not isinstance(info, dict) or not isinstance(info.get("saes"), list):
+        raise EvalError(f"{run / RUN_FILE} is damaged: it lists no SAEs; name the run's SAE directories instead")
     if not info.get("complete"):
         raise EvalError(f"the training run {run} is not complete, so its SAEs are not saved yet; rerun its "
                         "`sae train` command to finish it")

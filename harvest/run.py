@@ -24,7 +24,7 @@ from rich.text import Text
 from sae_cache.harvest.text import Position, open_documents, pack_contexts, separator_id
 from sae_cache.sae_common.background import background
 from sae_cache.sae_common.cache_format import DEFAULT_ROOT, EXPECTED_RATIO, itemsize, layout_for, open_cache, to_storage
-from sae_cache.sae_common.cache_writer import LOCK_FILE, CacheWriter
+from sae_cache.sae_common.cache_writer import CacheWriter, refuse_foreign
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import HarvestConfig, hook_names
 from sae_cache.sae_common.console import make_console
@@ -124,10 +124,8 @@ def harvest(cfg: HarvestConfig, out: Path | None = None, *, overwrite: bool = Fa
         console.print(f"[green]{out} is already complete[/] ({done:,} tokens); nothing to do")
         return out
     check_output_dir(out)
-    if out.is_dir() and not (out / "zarr.json").exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        # Not a cache, nor the leftovers of creating one (the group's zarr.json is its first file): the writer
-        # would clear it, so it is refused even with --overwrite.
-        raise HarvestError(f"--out {out}: the folder exists and is not an activation cache; give a new folder")
+    if out.is_dir() and not (out / "zarr.json").exists():
+        refuse_foreign(out)  # a folder of the user's files, refused before the model loads (--overwrite too)
     # A dataset that is missing or lacks the text column is refused before the model loads and the cache exists.
     docs = open_documents(cfg.dataset, cfg.split, cfg.text_column, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
     if loaded is None:

@@ -72,7 +72,7 @@ class CacheWriter:
         try:
             existing = open_cache(path).meta if (path / "zarr.json").exists() else None
             if existing is None:
-                _refuse_foreign(path)  # --overwrite replaces a cache, never a folder of other files
+                refuse_foreign(path)  # --overwrite replaces a cache, never a folder of other files
             _remove_partials(path)  # under the lock: no other writer can be mid-write
             if existing is None or overwrite or existing["n_tokens"] == 0:
                 # nothing to keep: a creation killed before its first shard was recorded, or --overwrite
@@ -196,7 +196,7 @@ def _remove_partials(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _refuse_foreign(path: Path) -> None:
+def refuse_foreign(path: Path) -> None:
     """Refuse to clear a directory that holds anything but what a cache's creation leaves before zarr.json is
     in place: the lock, and zarr.json's own temporary file if it was killed writing it."""
     foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE and not p.match("zarr.*.partial"))

@@ -137,7 +137,7 @@ def load_record(directory: str | Path) -> dict:
     try:
         record = json.loads(path.read_bytes())
     except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
-        raise UserError(f"{path} is damaged (not JSON, or truncated); restore it from a copy, or retrain "
+        raise UserError(f"{path} is damaged or truncated (not valid JSON); restore it from a copy, or retrain "
                         "the SAE") from None
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise UserError(f"{path} is damaged: it has no config")

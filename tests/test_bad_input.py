@@ -80,8 +80,8 @@ TABLE = [
     Bad(H, "--device", ("--device", "gpu"), "--device gpu: use auto, cpu, cuda or cuda:N"),
     Bad(H, "--out", ("--out", "{file}"), "--out {file}: {file} is a file, not a directory"),
     Bad(H, "--out", ("--out", "{file}/c.zarr"), "{file} is a file, not a directory"),
-    Bad(H, "--out", ("--out", "{folder}", "--overwrite"), "--out {folder}: the folder exists and is not an activation "
-        "cache"),
+    Bad(H, "--out", ("--out", "{folder}", "--overwrite"), "{folder} is a directory that is not an activation cache (it "
+        "holds notes.txt); choose another --out"),
     Bad(H, "--overwrite", ("--overwrite=yes",), "Option '--overwrite' does not take a value", code=2),
 
     Bad(T, "--cache", ("--cache", "{cwd}/nope.zarr"), "is not an activation cache", names="nope.zarr"),
@@ -126,7 +126,8 @@ TABLE = [
     Bad(E, "SAE_DIR", ("{cwd}/nope",), "nope does not exist; give SAE directories", names="nope"),
     Bad(E, "SAE_DIR", ("{empty}",), "is not an SAE directory: sae_record.json and sae_native.safetensors missing",
         names="{empty}"),
-    Bad(E, "SAE_DIR", ("{damaged_sae}",), "sae_record.json is damaged (not JSON, or truncated)", names="{damaged_sae}"),
+    Bad(E, "SAE_DIR", ("{damaged_run}",), "run.json is damaged or truncated (not valid JSON)", names="{damaged_run}"),
+    Bad(E, "SAE_DIR", ("{damaged_sae}",), "sae_record.json is damaged or truncated (not valid JSON)", names="{damaged_sae}"),
     Bad(E, "--cache", ("--cache", "{cwd}/nope.zarr"), "is not an activation cache", names="nope.zarr"),
     Bad(E, "--model", ("--model", "./nope"), "./nope is not a checkpoint directory", names="./nope"),
     Bad(E, "--model-dtype", ("--model-dtype", "int8"), "'int8' is not one of", code=2),
@@ -183,12 +184,15 @@ def workspace(checkpoints, corpus, tmp_path_factory) -> dict[str, str]:
     for f in sae.iterdir():
         (damaged / f.name).write_bytes(f.read_bytes())
     (damaged / "sae_record.json").write_text("{not json")
+    (root / "damaged_run").mkdir()
+    (root / "damaged_run" / "run.json").write_text('{"saes": ["topk-k4')  # a run.json cut short
     (root / "empty").mkdir()
     (root / "file.txt").write_text("not a directory\n")
     (root / "folder").mkdir()
     (root / "folder" / "notes.txt").write_text("a user's file that a harvest must not clear\n")
     return {"root": str(root), "model": str(checkpoints["gpt2"]), "corpus": str(corpus), "cache": str(cache),
-            "sae": str(sae), "damaged_sae": str(damaged), "empty": str(root / "empty"), "file": str(root / "file.txt"),
+            "sae": str(sae), "damaged_sae": str(damaged),
+            "damaged_run": str(root / "damaged_run"), "empty": str(root / "empty"), "file": str(root / "file.txt"),
             "folder": str(root / "folder")}
 
 

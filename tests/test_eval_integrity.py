@@ -87,7 +87,7 @@ def test_a_foreign_cache_evaluates_like_ours(workspace, tmp_path):
     for c in (cache, foreign):
         result = evaluate(c, sae, tmp_path / c.stem)
         assert result.exit_code == 0, result.output
-        reports.append(json.loads((sae / "eval.json").read_text()))
+        reports.append(json.loads((tmp_path / c.stem / sae.name / "eval.json").read_text()))  # --out holds it all
     ours_report, foreign_report = reports
     assert foreign_report["cache"] == str(foreign) and ours_report["rows"] == foreign_report["rows"] == [1536, 2048]
     assert foreign_report["metrics"] == ours_report["metrics"]

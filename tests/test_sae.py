@@ -4,6 +4,7 @@ the errors a user can cause. Tiny shapes, fixed seeds, CPU."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -327,7 +328,7 @@ def test_matryoshka_resumes_exactly_from_a_checkpoint(tmp_path):
     (tmp_path / "m").mkdir()
     save_checkpoint(tmp_path, [first], 3, {})
     resumed = member()
-    load_checkpoint(tmp_path, [resumed], 3)
+    load_checkpoint(tmp_path, [resumed], json.loads((tmp_path / "state.json").read_text()))
     for i in range(3, 6):
         resumed.step(batch(1000 + i))
     assert whole.sae.dead_mask().any()  # the auxiliary loss took part
