@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,12 +18,20 @@ from sae_cache.sae_common.allocator import retain_freed_memory
 from sae_cache.sae_common.checks import COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES, STORED_DTYPES, TRAIN_DTYPES
 from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
 from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.sae_config import SAEConfig
+
+
+def doc(cls: type, name: str) -> str:
+    """A field's help. TrainConfig's SAE settings are documented once, on SAEConfig's fields."""
+    if cls is TrainConfig and name in {f.name for f in fields(SAEConfig)}:
+        return field_doc(SAEConfig, name)
+    return field_doc(cls, name)
 
 
 def option(cls: type, name: str, *decls: str, **kwargs: Any) -> Callable:
     """A click option whose default and help come from the dataclass field `name` of `cls`."""
     kwargs.setdefault("default", default(cls, name))
-    kwargs.setdefault("help", field_doc(cls, name))
+    kwargs.setdefault("help", doc(cls, name))
     kwargs.setdefault("show_default", True)
     return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, **kwargs)
 
@@ -131,7 +140,7 @@ def many(name: str, flag: str, kind: type) -> Callable:
     shown = ",".join(map(str, default(TrainConfig, name)))
     shown = f" [default: {shown}]" if shown else ""  # none: the field's help says what the default is
     return option(TrainConfig, name, flag, multiple=True, callback=_list_of(kind), default=(), show_default=False,
-                  help=f"{field_doc(TrainConfig, name)} Repeat or comma-separate.{shown}")
+                  help=f"{doc(TrainConfig, name)} Repeat or comma-separate.{shown}")
 
 
 @main.command()
@@ -150,6 +159,14 @@ def many(name: str, flag: str, kind: type) -> Callable:
 @option(TrainConfig, "seed", type=int)
 @option(TrainConfig, "input_norm", type=click.Choice(INPUT_NORMS))
 @option(TrainConfig, "dead_tokens", type=str, callback=_count)
+@option(TrainConfig, "aux_k", type=int)
+@option(TrainConfig, "aux_coeff", type=float)
+@option(TrainConfig, "aux_normalised", "--aux-normalised/--no-aux-normalised")
+@option(TrainConfig, "bandwidth", type=float)
+@option(TrainConfig, "jumprelu_init_threshold", type=float)
+@option(TrainConfig, "stats_window", type=int)
+@option(TrainConfig, "zipf_exponent", type=float, show_default="fitted")
+@option(TrainConfig, "apply_b_dec_to_input", "--apply-b-dec-to-input/--no-apply-b-dec-to-input")
 @option(TrainConfig, "holdout_fraction", type=float)
 @option(TrainConfig, "checkpoint_every", type=str, callback=_count)
 @option(TrainConfig, "log_every", type=int)

@@ -17,6 +17,7 @@ from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MAX_SEED, MO
                                          bad, check_bool, check_choice, check_device, check_float, check_int,
                                          check_list, check_text)
 from sae_cache.sae_common.errors import ConfigError
+from sae_cache.sae_common.sae_config import SAEConfig
 
 DEFAULT_LAYER = 12  # with a hook kind and no --layer
 DEFAULT_EXPANSION = 8  # without --dict-size
@@ -28,9 +29,6 @@ HOOK_KINDS = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "attn_out": "blocks.{layer}.hook_attn_out",
 }
-
-# matryoshka_batchtopk's nested groups, as fractions of the dictionary (Matryoshka paper's main runs)
-MATRYOSHKA_GROUP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 
@@ -170,6 +168,20 @@ def default(cls: type, name: str) -> Any:
     return next(f.default for f in fields(cls) if f.name == name)
 
 
+def sae_default(name: str) -> Any:
+    """SAEConfig's default for `name`: TrainConfig's SAE settings take it rather than restating it."""
+    return default(SAEConfig, name)
+
+
+# SAEConfig fields that are not `sae train` flags: the shape comes from the cache and --dict-size/--expansion,
+# the architecture and its swept values from the sweep's list flags (--arch, --k, --l1-coeff, --l0-coeff).
+SAE_FIELDS_FROM_SWEEP = ("d_in", "d_sae", "arch", "k", "l1_coeff", "l0_coeff")
+# SAE settings that became flags after runs had been trained: a run directory's stored identity may lack them,
+# and a run that leaves them at their defaults keeps the identity (and default run directory) it had before.
+LATER_SAE_FIELDS = ("aux_k", "aux_coeff", "aux_normalised", "bandwidth", "jumprelu_init_threshold", "stats_window",
+                    "zipf_exponent", "apply_b_dec_to_input")
+
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -182,16 +194,16 @@ class TrainConfig:
     """Hook to train on, when the cache has several."""
     archs: tuple[str, ...] = ("batchtopk",)
     """Architectures: relu, topk, batchtopk, jumprelu, feature_choice, mutual_choice."""
-    ks: tuple[int, ...] = (32,)
+    ks: tuple[int, ...] = (sae_default("k"),)
     """Active latents per token (k-architectures; BatchTopK paper: 16, 32, 64)."""
     dict_sizes: tuple[int, ...] = ()
     """Dictionary sizes (latents); default: d_model x --expansion."""
     expansions: tuple[int, ...] = ()
     """Dictionary size as a multiple of d_model; default 8 when --dict-size is not given (beside --dict-size it
     is refused rather than ignored)."""
-    l1_coeffs: tuple[float, ...] = (0.01,)
+    l1_coeffs: tuple[float, ...] = (sae_default("l1_coeff"),)
     """relu: L1 coefficients."""
-    l0_coeffs: tuple[float, ...] = (0.002,)
+    l0_coeffs: tuple[float, ...] = (sae_default("l0_coeff"),)
     """jumprelu: L0 coefficients."""
     lrs: tuple[float, ...] = (3e-4,)
     """Adam learning rates (BatchTopK paper: 3e-4, betas (0.9, 0.99))."""
@@ -200,12 +212,19 @@ class TrainConfig:
     tokens: int | None = None
     """Training tokens (default: one pass over the cache's training rows); more than the cache takes epochs."""
     seed: int = 0
-    input_norm: str = "scalar"
-    """none, standardize (per token, the BatchTopK reference) or scalar (E||x|| = sqrt(d), folded on export)."""
-    dead_tokens: int = 5 * 4096
-    """A latent is dead (and joins the auxiliary loss) after this many tokens without firing."""
-    group_fractions: tuple[float, ...] = MATRYOSHKA_GROUP_FRACTIONS
-    """matryoshka_batchtopk: nested groups of latents as fractions of the dictionary, summing to 1."""
+    # The SAE settings every SAE of the run gets (train/sweep.py passes them on by name): their defaults and
+    # help are SAEConfig's, so each has one default, stated there.
+    input_norm: str = sae_default("input_norm")
+    dead_tokens: int = sae_default("dead_tokens")
+    group_fractions: tuple[float, ...] = sae_default("group_fractions")
+    aux_k: int = sae_default("aux_k")
+    aux_coeff: float = sae_default("aux_coeff")
+    aux_normalised: bool = sae_default("aux_normalised")
+    bandwidth: float = sae_default("bandwidth")
+    jumprelu_init_threshold: float = sae_default("jumprelu_init_threshold")
+    stats_window: int = sae_default("stats_window")
+    zipf_exponent: float | None = sae_default("zipf_exponent")
+    apply_b_dec_to_input: bool = sae_default("apply_b_dec_to_input")
     holdout_fraction: float = 0.02
     """Fraction of the cache (a tail of whole chunks) never trained on; evaluation reads it."""
     checkpoint_every: int = 10_000_000
@@ -248,6 +267,15 @@ class TrainConfig:
         check_choice("input_norm", self.input_norm, INPUT_NORMS, "input norm")
         check_int("dead_tokens", self.dead_tokens)
         self._check_group_fractions()
+        check_int("aux_k", self.aux_k)
+        check_float("aux_coeff", self.aux_coeff, 0)
+        check_bool("aux_normalised", self.aux_normalised)
+        check_float("bandwidth", self.bandwidth, 0, above=True)
+        check_float("jumprelu_init_threshold", self.jumprelu_init_threshold, 0, above=True)
+        check_int("stats_window", self.stats_window)
+        if self.zipf_exponent is not None:  # None: aux_zipf_loss fits the exponent
+            check_float("zipf_exponent", self.zipf_exponent, 0, above=True)
+        check_bool("apply_b_dec_to_input", self.apply_b_dec_to_input)
         check_float("holdout_fraction", self.holdout_fraction, 0, high=0.5)  # holdout_start never holds out more
         check_int("checkpoint_every", self.checkpoint_every)
         check_int("log_every", self.log_every)
@@ -268,7 +296,10 @@ class TrainConfig:
                       f"must sum to 1 (they sum to {sum(fractions):g}), e.g. 0.0625,0.0625,0.125,0.25,0.5")
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
+        """What a resume must match. The later SAE settings are in it only when not at their default, so a run
+        that leaves them alone hashes to the run directory it had before they were flags."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS
+                and not (k in LATER_SAE_FIELDS and v == sae_default(k))}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -113,6 +113,20 @@ TABLE = [
     Bad(T, "--seed", ("--seed", "-1"), "--seed -1: must be a non-negative integer"),
     Bad(T, "--input-norm", ("--input-norm", "l2"), "'l2' is not one of", code=2),
     Bad(T, "--dead-tokens", ("--dead-tokens", "0"), "--dead-tokens 0: must be a positive integer"),
+    Bad(T, "--aux-k", ("--aux-k", "0"), "--aux-k 0: must be a positive integer"),
+    Bad(T, "--aux-k", ("--aux-k", "many"), "'many' is not a valid integer", code=2),
+    Bad(T, "--aux-coeff", ("--aux-coeff", "-0.5"), "--aux-coeff -0.5: must be a number of at least 0"),
+    Bad(T, "--aux-coeff", ("--aux-coeff", "nan"), "--aux-coeff nan: must be a number of at least 0"),
+    Bad(T, "--aux-normalised", ("--aux-normalised=yes",), "Option '--aux-normalised' does not take a value", code=2),
+    Bad(T, "--bandwidth", ("--bandwidth", "0"), "--bandwidth 0: must be a number above 0"),
+    Bad(T, "--bandwidth", ("--bandwidth", "inf"), "--bandwidth inf: must be a number above 0"),
+    Bad(T, "--jumprelu-init-threshold", ("--jumprelu-init-threshold", "-0.1"),
+        "--jumprelu-init-threshold -0.1: must be a number above 0"),
+    Bad(T, "--stats-window", ("--stats-window", "0"), "--stats-window 0: must be a positive integer"),
+    Bad(T, "--zipf-exponent", ("--zipf-exponent", "0"), "--zipf-exponent 0: must be a number above 0"),
+    Bad(T, "--zipf-exponent", ("--zipf-exponent", "steep"), "'steep' is not a valid float", code=2),
+    Bad(T, "--apply-b-dec-to-input", ("--apply-b-dec-to-input=no",),
+        "Option '--apply-b-dec-to-input' does not take a value", code=2),
     Bad(T, "--holdout-fraction", ("--holdout-fraction", "1.5"), "--holdout-fraction 1.5: must be a number from 0 to "
         "0.5"),
     Bad(T, "--holdout-fraction", ("--holdout-fraction", "-0.5"), "--holdout-fraction -0.5: must be a number from 0"),
@@ -243,6 +257,8 @@ def test_python_api_refuses_what_the_cli_refuses():
                           (lambda: TrainConfig(ks=[16, 16]), "--k 16: given twice"),
                           (lambda: TrainConfig(batch_size=True), "--batch-size True: must be a positive integer"),
                           (lambda: TrainConfig(archs="relu"), "--arch relu: must be a list of values"),
+                          (lambda: TrainConfig(aux_normalised="yes"), "--aux-normalised yes: must be true or false"),
+                          (lambda: TrainConfig(zipf_exponent=-1.0), "--zipf-exponent -1: must be a number above 0"),
                           (lambda: EvalConfig(tokens=0), "--tokens 0: must be a positive integer")]:
         with pytest.raises(ConfigError) as e:
             make()

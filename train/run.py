@@ -75,10 +75,14 @@ def check_resume(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     state = read_state(run_dir)
     if state is None:
         return None
-    old = state["identity"]
-    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    # A key one side lacks is a setting at its default: one that is not in the identity while default
+    # (TrainConfig.LATER_SAE_FIELDS), or that was not a setting when the run started.
+    defaults = TrainConfig().to_dict()
+    old = {**defaults, **state["identity"]}
+    new = {**defaults, **identity}
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
-        lines = "; ".join(f"{k}: run has {old.get(k)!r}, now {identity.get(k)!r}" for k in diff)
+        lines = "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
         raise UserError(f"{run_dir} holds a run with a different config ({lines}). Use the same flags to resume, or "
                         "--out to start a new run")
     return state
