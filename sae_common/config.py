@@ -89,6 +89,7 @@ class HarvestConfig:
     shuffle_buffer: int = 0
     """Documents shuffled in a streaming buffer of this size (0: dataset order). Seeded by --seed."""
     seed: int = 0
+    """Seed of the --shuffle-buffer document shuffle."""
     dtype: str = "bfloat16"
     """Stored dtype: bfloat16, float16 or float32."""
     model_dtype: str = "auto"
@@ -193,7 +194,7 @@ class TrainConfig:
     hook: str | None = None
     """Hook to train on, when the cache has several."""
     archs: tuple[str, ...] = ("batchtopk",)
-    """Architectures: relu, topk, batchtopk, jumprelu, feature_choice, mutual_choice."""
+    """Architectures: relu, topk, batchtopk, jumprelu, feature_choice, mutual_choice, matryoshka_batchtopk."""
     ks: tuple[int, ...] = (sae_default("k"),)
     """Active latents per token (k-architectures; BatchTopK paper: 16, 32, 64)."""
     dict_sizes: tuple[int, ...] = ()
@@ -212,6 +213,7 @@ class TrainConfig:
     tokens: int | None = None
     """Training tokens (default: one pass over the cache's training rows); more than the cache takes epochs."""
     seed: int = 0
+    """Seed of the SAEs' initialisation and of the loader's shuffle."""
     # The SAE settings every SAE of the run gets (train/sweep.py passes them on by name): their defaults and
     # help are SAEConfig's, so each has one default, stated there.
     input_norm: str = sae_default("input_norm")
