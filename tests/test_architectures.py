@@ -111,3 +111,9 @@ def test_a_new_architecture_needs_only_its_registry_entry(monkeypatch, tmp_path)
     assert loaded.cfg == sae.cfg
     torch.testing.assert_close(loaded.encode(x), sae.eval().encode(x))
     assert '"architecture": "topk"' in (tmp_path / "cfg.json").read_text()
+
+
+def test_arch_help_names_every_registered_architecture():
+    from sae_cache.sae_common.config import TrainConfig, field_doc
+
+    assert all(name in field_doc(TrainConfig, "archs") for name in ARCHS)
