@@ -71,12 +71,16 @@ def build_sae(t: dict[str, torch.Tensor], meta: dict, arch: str, sparse: bool = 
                     dead_tokens=meta["n_batches_to_dead"] * B, bandwidth=meta["bandwidth"],
                     input_norm="standardize" if meta["input_unit_norm"] else "none",
                     apply_b_dec_to_input=arch != "jumprelu")  # the reference's JumpReLU encodes x, not x − b_dec
-    sae = SAE(cfg)
+    return with_reference_state(SAE(cfg), t, B, sparse)
+
+
+def with_reference_state(sae: SAE, t: dict[str, torch.Tensor], B: int, sparse: bool) -> SAE:
+    """`sae` with the file's parameters and dead-latent counter (batches -> tokens), on the chosen path."""
     sae.sparse_training = sparse
     with torch.no_grad():
         for name, p in sae.named_parameters():
             p.copy_(t[name])
-        sae.tokens_since_fired.copy_(t["num_batches_not_active_before"].long() * B)  # batches -> tokens
+        sae.tokens_since_fired.copy_(t["num_batches_not_active_before"].long() * B)
     return sae
 
 

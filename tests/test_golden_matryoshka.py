@@ -25,10 +25,10 @@ from safetensors import safe_open
 from sae_cache.sae_common.architectures import group_ends, prefix_reconstructions
 from sae_cache.sae_common.sae import SAE, SAEConfig, standardize
 from sae_cache.sae_common.sparse import Latents
+from tests.test_golden import EPS, LR, run_step, with_reference_state
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = ["matryoshka", "matryoshka_unitnorm"]
-LR, BETAS, EPS = 3e-4, (0.9, 0.99), 1e-8
 FWD = dict(atol=1e-5, rtol=1e-5)
 GRAD = dict(atol=1e-6, rtol=1e-4)
 
@@ -49,29 +49,7 @@ def build_sae(t: dict, meta: dict, sparse: bool) -> SAE:
                     aux_coeff=meta["aux_penalty"], dead_tokens=meta["n_batches_to_dead"] * B,
                     input_norm="standardize" if meta["input_unit_norm"] else "none",
                     group_fractions=tuple(size / F for size in meta["group_sizes"]))
-    sae = SAE(cfg)
-    sae.sparse_training = sparse
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(t[name])
-        sae.tokens_since_fired.copy_(t["num_batches_not_active_before"].long() * B)  # batches -> tokens
-    return sae
-
-
-def run_step(sae: SAE, x: torch.Tensor):
-    """Forward, backward, decoder projection, Adam: the reference's order. Returns the output and gradients."""
-    sae.train()
-    opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS, eps=EPS)
-    out = sae(x)
-    if out.acts is None:  # the sparse path builds no [B, F] latents: take the batch-mode ones, same weights
-        with torch.no_grad():
-            out.acts = sae.activate(sae.pre_activations(sae.normalize(x)[0]), batch_mode=True)
-    out.loss.backward()
-    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
-    sae.constrain_decoder()
-    grads["W_dec_projected"] = sae.W_dec.grad.clone()
-    opt.step()
-    return out, grads
+    return with_reference_state(SAE(cfg), t, B, sparse)
 
 
 def reference_grads(t: dict, meta: dict, *, ours: bool) -> dict[str, torch.Tensor]:
