@@ -93,7 +93,7 @@ TABLE = [
     Bad(T, "--k", ("--k", "0"), "--k 0: must be a positive integer"),
     Bad(T, "--k", ("--k", "4"), "--k 4: given twice"),
     Bad(T, "--k", ("--k", "1.5"), "'1.5' is not a whole number", code=2),
-    Bad(T, "--k", ("--k", "64"), "k=64 must be smaller than the dictionary size 32", names="k=64"),
+    Bad(T, "--k", ("--k", "64"), "--k 64: must be smaller than the dictionary size 32"),
     Bad(T, "--dict-size", ("--dict-size", "0"), "--dict-size 0: must be a positive integer"),
     Bad(T, "--expansion", ("--expansion", "0"), "--expansion 0: must be a positive integer"),
     Bad(T, "--expansion", ("--expansion", "2"), "--expansion 2: --dict-size already sets the dictionary size"),

@@ -41,7 +41,7 @@ def test_sweep_varies_each_architecture_only_over_what_it_uses():
     names = [e.name for e in expand(cfg, 16)]
     assert names == ["relu-l1_0.1-32", "relu-l1_0.2-32", "relu-l1_0.1-64", "relu-l1_0.2-64", "topk-k4-32", "topk-k8-32",
                      "topk-k4-64", "topk-k8-64", "jumprelu-l0_0.002-32", "jumprelu-l0_0.002-64"]
-    with pytest.raises(ConfigError, match="k=64 must be smaller than the dictionary size 32"):
+    with pytest.raises(ConfigError, match="--k 64: must be smaller than the dictionary size 32"):
         expand(TrainConfig(ks=(64,), dict_sizes=(32,)), 16)
     with pytest.raises(ConfigError, match="unknown architecture 'topq'"):
         expand(TrainConfig(archs=("topq",)), 16)
@@ -132,7 +132,7 @@ def test_resuming_with_a_changed_config_names_the_fields(cache, tmp_path):
 
 def test_errors_name_the_value_and_what_is_valid(cache, tmp_path):
     out = train_cli(cache, tmp_path / "r", "--arch", "topk", "--k", 100).output
-    assert "k=100 must be smaller than the dictionary size 64" in out
+    assert "--k 100: must be smaller than the dictionary size 64" in out
     out = train_cli(cache, tmp_path / "r", "--hook", "blocks.9.hook_resid_post").output
     assert "has no hook 'blocks.9.hook_resid_post'; it has: blocks.0.hook_resid_post" in out
     out = train_cli(cache, tmp_path / "r", "--arch", "topq").output

@@ -48,7 +48,7 @@ def expand(cfg: TrainConfig, d_in: int) -> list[SweepEntry]:
         for variant in itertools.product(*grids):
             swept = {name: value for name, value, _ in variant}
             if ARCHS[arch].uses_k and swept["k"] >= d_sae:
-                raise ConfigError(f"k={swept['k']} must be smaller than the dictionary size {d_sae}")
+                raise ConfigError(f"--k {swept['k']}: must be smaller than the dictionary size {d_sae}")
             name = "-".join([arch, *(tag for _, _, tag in variant), str(d_sae)])
             name += f"-lr{_fmt(lr)}" if len(cfg.lrs) > 1 else ""
             sae = SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, **shared, **swept)
