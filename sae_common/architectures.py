@@ -167,10 +167,11 @@ def zipf_fit(density_F: Tensor, exponent: float | None = None) -> Tensor:
     return (log_c - alpha * rank_F.log()).exp().to(density_F.dtype)
 
 
-def zipf_underuse_weights(density_F: Tensor, dead_F: Tensor, exponent: float | None = None) -> Tensor:
+def zipf_underuse_weights(density_F: Tensor, dead_F: Tensor, exponent: float | None = None,
+                          scale: float = 1.0) -> Tensor:
     """Per-latent weight of aux_zipf_loss: dead latents 1; live latents in the low end of the density
     distribution (below the live latents' median density) by how far they fall below the Zipf fit of the
-    observed densities, clamp(1 − d_f / fit(r_f), 0, 1); every other latent 0.
+    observed densities, scale · clamp(1 − d_f / fit(r_f), 0, 1); every other latent 0.
 
     Ayonrinde 2024: latent densities follow a Zipf law except at the low end, where latents are dying or
     under-used. Restricting the weight to the low end keeps the head out: there the observed curve is
@@ -179,7 +180,7 @@ def zipf_underuse_weights(density_F: Tensor, dead_F: Tensor, exponent: float | N
     fit_F = zipf_fit(density_F, exponent)
     live_F = (density_F > 0) & ~dead_F
     low_end_F = live_F & (density_F < density_F[live_F].quantile(0.5)) if live_F.any() else live_F
-    weight_F = torch.where(low_end_F, (1 - density_F / fit_F).clamp(0, 1), torch.zeros_like(density_F))
+    weight_F = torch.where(low_end_F, scale * (1 - density_F / fit_F).clamp(0, 1), torch.zeros_like(density_F))
     return torch.where(dead_F, torch.ones_like(weight_F), weight_F)
 
 
@@ -230,21 +231,25 @@ def _dead_weights(sae: SAE) -> Tensor:
 #     r_f    rank of latent f by d_f (1 = most frequent)
 #     ẑ_f  = C · r_f^(−α)    the Zipf law fitted to the live latents' (d_f, r_f) by least squares in log-log
 #                            (C and α fitted; zipf_exponent fixes α instead)
-#     w_f  = 1 if f is dead; clamp(1 − d_f / ẑ_f, 0, 1) if d_f is below the live latents' median (the low
-#            end of the distribution); else 0
+#     w_f  = 1 if f is dead; s · clamp(1 − d_f / ẑ_f, 0, 1) if d_f is below the live latents' median (the
+#            low end of the distribution); else 0       (s = zipf_underuse_scale, 1/4)
 #     ê_b  = Σ_{f ∈ TopK_aux_k(w ⊙ ReLU(z_b))} w_f · ReLU(z_bf) · W_dec,f
 #     L_aux = aux_coeff · mean_{b,d} (ê_bd − sg(x_bd − x̂_bd))²       (aux_k = 512, aux_coeff = 1/32)
 #
 # z are the encoder pre-activations, sg the stop-gradient, everything in the normalised input space.
-# With w ∈ {0, 1} marking only the dead latents this is exactly AuxK.
+# With w ∈ {0, 1} marking only the dead latents this is exactly AuxK. s < 1 was measured, not derived
+# (scripts/aux_weights_dead_latents.py: 187-210 dead at s = 1, 39-42 at s = 1/4, 106-133 with AuxK); the
+# likely reason: the candidates share one reconstruction of the residual, and at s = 1 the live under-used
+# latents take it over, so the dead ones get little of its gradient.
 # -----------------------------------------------------------------------------------------------------
 
 def _zipf_weights(sae: SAE) -> Tensor:
     """aux_zipf_loss (see the README block above): dead latents weigh 1, latents of the low end below the
-    Zipf fit of the densities in between, all others 0. Dead latents are left out of the fit."""
+    Zipf fit of the densities up to zipf_underuse_scale, all others 0. Dead latents are left out of the fit."""
     dead_F = sae.dead_mask()
     density_F = sae.density.masked_fill(dead_F, 0)
-    return zipf_underuse_weights(density_F, dead_F, sae.cfg.zipf_exponent).to(sae.W_dec.dtype)
+    return zipf_underuse_weights(density_F, dead_F, sae.cfg.zipf_exponent,
+                                 sae.cfg.zipf_underuse_scale).to(sae.W_dec.dtype)
 
 
 def _jumprelu_params(cfg: SAEConfig) -> dict[str, Tensor]:

@@ -166,6 +166,7 @@ def many(name: str, flag: str, kind: type) -> Callable:
 @option(TrainConfig, "jumprelu_init_threshold", type=float)
 @option(TrainConfig, "stats_window", type=int)
 @option(TrainConfig, "zipf_exponent", type=float, show_default="fitted")
+@option(TrainConfig, "zipf_underuse_scale", type=float)
 @option(TrainConfig, "apply_b_dec_to_input", "--apply-b-dec-to-input/--no-apply-b-dec-to-input")
 @option(TrainConfig, "holdout_fraction", type=float)
 @option(TrainConfig, "checkpoint_every", type=str, callback=_count)

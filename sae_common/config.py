@@ -180,7 +180,7 @@ SAE_FIELDS_FROM_SWEEP = ("d_in", "d_sae", "arch", "k", "l1_coeff", "l0_coeff")
 # SAE settings that became flags after runs had been trained: a run directory's stored identity may lack them,
 # and a run that leaves them at their defaults keeps the identity (and default run directory) it had before.
 LATER_SAE_FIELDS = ("aux_k", "aux_coeff", "aux_normalised", "bandwidth", "jumprelu_init_threshold", "stats_window",
-                    "zipf_exponent", "apply_b_dec_to_input")
+                    "zipf_exponent", "zipf_underuse_scale", "apply_b_dec_to_input")
 
 
 
@@ -226,6 +226,7 @@ class TrainConfig:
     jumprelu_init_threshold: float = sae_default("jumprelu_init_threshold")
     stats_window: int = sae_default("stats_window")
     zipf_exponent: float | None = sae_default("zipf_exponent")
+    zipf_underuse_scale: float = sae_default("zipf_underuse_scale")
     apply_b_dec_to_input: bool = sae_default("apply_b_dec_to_input")
     holdout_fraction: float = 0.02
     """Fraction of the cache (a tail of whole chunks) never trained on; evaluation reads it."""
@@ -277,6 +278,7 @@ class TrainConfig:
         check_int("stats_window", self.stats_window)
         if self.zipf_exponent is not None:  # None: aux_zipf_loss fits the exponent
             check_float("zipf_exponent", self.zipf_exponent, 0, above=True)
+        check_float("zipf_underuse_scale", self.zipf_underuse_scale, 0, high=1)
         check_bool("apply_b_dec_to_input", self.apply_b_dec_to_input)
         check_float("holdout_fraction", self.holdout_fraction, 0, high=0.5)  # holdout_start never holds out more
         check_int("checkpoint_every", self.checkpoint_every)

@@ -1,10 +1,12 @@
-"""Dead latents of a mutual_choice SAE under three auxiliary-loss weightings: the same data, init and steps.
+"""Dead latents of a mutual_choice (or feature_choice) SAE under four auxiliary-loss weightings: the same data,
+init and steps.
 
     sae harvest --model tiny-stdlib-gpt2 --dataset stdlib-sample --layer 2 --tokens 320K --out /tmp/c.zarr
-    .venv/bin/python scripts/aux_weights_dead_latents.py /tmp/c.zarr 175 zipf_fit,zipf_old,auxk
+    .venv/bin/python scripts/aux_weights_dead_latents.py /tmp/c.zarr 175 zipf,zipf_s1,zipf_old,auxk [seed] [arch]
 
-Weightings: zipf_fit (aux_zipf as implemented: the low end below a least-squares Zipf fit), zipf_old (the
-previous target k·r^(−1)/H_F, which also weighed the head of the distribution) and auxk (dead latents only).
+Weightings: zipf (aux_zipf as implemented: the low end below a least-squares Zipf fit, under-used latents
+weighted zipf_underuse_scale·(1 − d/fit)), zipf_s1 (the same at scale 1), zipf_old (the previous target
+k·r^(−1)/H_F, which also weighed the head of the distribution) and auxk (dead latents only).
 Prints, every 25 batches of 1024 tokens, dead latents / auxiliary candidates / summed weight.
 """
 
@@ -26,17 +28,20 @@ def zipf_old(sae: SAE) -> torch.Tensor:
     return torch.where(dead_F, 1.0, (1 - density_F / target_F).clamp(0, 1))
 
 
-WEIGHTS = {"zipf_fit": A._zipf_weights, "zipf_old": zipf_old, "auxk": A._dead_weights}
+WEIGHTS = {"zipf": A._zipf_weights, "zipf_s1": A._zipf_weights, "zipf_old": zipf_old, "auxk": A._dead_weights}
+SCALE = {"zipf_s1": 1.0}  # zipf_underuse_scale where a weighting sets it (else SAEConfig's default)
 
 
-def main(cache_path: str, n_batches: int, names: list[str]) -> None:
+def main(cache_path: str, n_batches: int, names: list[str], seed: int, arch: str) -> None:
+    torch.set_num_threads(1)  # the same float sums on any machine, and faster here than 2 contended threads
     cache = open_cache(cache_path)
     x_ND = cache.read_rows(cache.hooks[0], 0, n_batches * 1024).float()
-    x_ND = x_ND[torch.randperm(len(x_ND), generator=torch.Generator().manual_seed(0))]
+    x_ND = x_ND[torch.randperm(len(x_ND), generator=torch.Generator().manual_seed(seed))]
     for name in names:
-        A.ARCHS["mutual_choice"] = dataclasses.replace(A.ARCHS["mutual_choice"], aux_weights=WEIGHTS[name])
-        torch.manual_seed(0)
-        sae = SAE(SAEConfig(d_in=cache.d_model, d_sae=8 * cache.d_model, arch="mutual_choice", k=16)).train()
+        A.ARCHS[arch] = dataclasses.replace(A.ARCHS[arch], aux_weights=WEIGHTS[name])
+        torch.manual_seed(seed)
+        extra = {"zipf_underuse_scale": SCALE[name]} if name in SCALE else {}
+        sae = SAE(SAEConfig(d_in=cache.d_model, d_sae=8 * cache.d_model, arch=arch, k=16, **extra)).train()
         sae.set_input_scale(x_ND[:1024])
         opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.9, 0.99))
         line = []
@@ -49,8 +54,9 @@ def main(cache_path: str, n_batches: int, names: list[str]) -> None:
             if (i + 1) % 25 == 0:
                 w_F = sae.arch.aux_weights(sae)
                 line.append(f"{i + 1}:{int(sae.dead_mask().sum())}/{int((w_F > 0).sum())}/{float(w_F.sum()):.0f}")
-        print(f"{name:>8} batch:dead/candidates/sum(w)", " ".join(line), flush=True)
+        print(f"{arch} seed {seed} {name:>8} batch:dead/candidates/sum(w)", " ".join(line), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), int(sys.argv[4]) if len(sys.argv) > 4 else 0,
+         sys.argv[5] if len(sys.argv) > 5 else "mutual_choice")

@@ -69,6 +69,31 @@ def test_zipf_weights_with_a_fixed_exponent_fit_only_the_scale():
     assert (weight_F[150:] > 0).all()
 
 
+def test_an_sae_weighs_its_under_used_latents_by_its_scale_and_its_dead_ones_by_one():
+    """mutual_choice's aux weights read from the SAE's own state: dead latents (not fired for dead_tokens)
+    weigh 1 and stay out of the fit; live latents of the low end weigh zipf_underuse_scale times their deficit
+    below the least-squares fit of the live densities, computed here independently with numpy.polyfit."""
+    from sae_cache.sae_common.sae_config import SAEConfig
+    n_dead, n_live = 8, F - 8
+    rank_R = np.arange(1, n_live + 1, dtype=np.float64)
+    density_R = 0.3 * rank_R ** -0.8
+    density_R[n_live - 12:] *= 0.2  # a dying tail
+    for scale in (0.25, 1.0):
+        sae = SAE(SAEConfig(d_in=D, d_sae=F, arch="mutual_choice", k=4, zipf_underuse_scale=scale))
+        density_F, rank_F = _shuffled(torch.from_numpy(np.concatenate([density_R, np.zeros(n_dead)])), seed=1)
+        dead_F = rank_F > n_live
+        sae.density.copy_(density_F.float().masked_fill(dead_F, 0.7))  # a stale EMA: dead latents read as 0
+        sae.tokens_since_fired.copy_(torch.where(dead_F, sae.cfg.dead_tokens, 0))
+        weight_F = sae.arch.aux_weights(sae).double()
+        slope, intercept = np.polyfit(np.log(rank_R), np.log(density_R), 1)
+        deficit_R = np.clip(1 - density_R / np.exp(intercept + slope * np.log(rank_R)), 0, 1)
+        expected_R = np.where(density_R < np.median(density_R), scale * deficit_R, 0.0)
+        live_order = rank_F[~dead_F].argsort()
+        np.testing.assert_allclose(weight_F[~dead_F][live_order].numpy(), expected_R, atol=1e-6)
+        assert (weight_F[dead_F] == 1).all() and weight_F[~dead_F].max() <= scale
+        assert (weight_F[~dead_F][live_order][n_live - 12:] > 0.5 * scale).all()  # the tail is what is weighted
+
+
 # ---------------------------------------------------------------- an architecture is one registry entry
 
 def test_a_new_architecture_needs_only_its_registry_entry(monkeypatch, tmp_path):

@@ -125,6 +125,8 @@ TABLE = [
     Bad(T, "--stats-window", ("--stats-window", "0"), "--stats-window 0: must be a positive integer"),
     Bad(T, "--zipf-exponent", ("--zipf-exponent", "0"), "--zipf-exponent 0: must be a number above 0"),
     Bad(T, "--zipf-exponent", ("--zipf-exponent", "steep"), "'steep' is not a valid float", code=2),
+    Bad(T, "--zipf-underuse-scale", ("--zipf-underuse-scale", "-0.5"),
+        "--zipf-underuse-scale -0.5: must be a number from 0 to 1"),
     Bad(T, "--apply-b-dec-to-input", ("--apply-b-dec-to-input=no",),
         "Option '--apply-b-dec-to-input' does not take a value", code=2),
     Bad(T, "--holdout-fraction", ("--holdout-fraction", "1.5"), "--holdout-fraction 1.5: must be a number from 0 to "
@@ -259,6 +261,8 @@ def test_python_api_refuses_what_the_cli_refuses():
                           (lambda: TrainConfig(archs="relu"), "--arch relu: must be a list of values"),
                           (lambda: TrainConfig(aux_normalised="yes"), "--aux-normalised yes: must be true or false"),
                           (lambda: TrainConfig(zipf_exponent=-1.0), "--zipf-exponent -1: must be a number above 0"),
+                          (lambda: TrainConfig(zipf_underuse_scale=1.5),
+                           "--zipf-underuse-scale 1.5: must be a number from 0 to 1"),
                           (lambda: EvalConfig(tokens=0), "--tokens 0: must be a positive integer")]:
         with pytest.raises(ConfigError) as e:
             make()
