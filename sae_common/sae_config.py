@@ -61,10 +61,8 @@ class SAEConfig:
     """feature_choice, mutual_choice: exponent α of the Zipf law r^(−α) fitted to the latent densities in
     aux_zipf_loss; None fits it too (least squares in log-log), a number fixes it and fits only the scale."""
     zipf_underuse_scale: float = 0.25
-    """feature_choice, mutual_choice: aux_zipf_loss weighs an under-used latent s·(1 − d/fit) (a dead one 1).
-    Measured, not derived: on the built-in model's mutual_choice
-    (k=16, 8x, 175 batches of 1024, 3 seeds) 0.25 ended with 39-42 dead latents, 1 with 187-210, the previous
-    rule (target k·r^(−1)/H_F) 132-141, AuxK alone 106-133 (README, aux_zipf_loss)."""
+    """feature_choice, mutual_choice: aux_zipf_loss weighs an under-used latent s·(1 − d/fit), a dead one 1.
+    Chosen by measuring, not derived (README, aux_zipf_loss): 1 left far more latents dead."""
     group_fractions: tuple[float, ...] = MATRYOSHKA_GROUP_FRACTIONS
     """matryoshka_batchtopk: the nested groups of latents, as fractions of d_sae that sum to 1 (Matryoshka
     paper's main runs: 1/16, 1/16, 1/8, 1/4, 1/2)."""

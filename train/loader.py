@@ -29,6 +29,7 @@ import torch
 from sae_cache.sae_common.background import put_unless_stopped
 from sae_cache.sae_common.cache_format import TORCH_DTYPE, Cache, damaged, holdout_start, storage_view
 from sae_cache.sae_common.chunk_reader import ChunkDamaged, ChunkReader
+from sae_cache.sae_common.config import TrainConfig
 
 
 # -- the stream: pure functions of the seed and the geometry ---------------------------------------------
@@ -70,7 +71,7 @@ class ActivationLoader:
 
     def __init__(self, cache: Cache, hook: str, *, batch_size: int, n_batches: int, rows: tuple[int, int] | None = None,
                  seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 shuffle_tokens: int = 131072, workers: int = 2, prefetch: int = 4, start_batch: int = 0):
+                 shuffle_tokens: int = TrainConfig.shuffle_tokens, workers: int = 2, prefetch: int = 4, start_batch: int = 0):
         start, stop = rows = (0, holdout_start(cache)) if rows is None else rows
         if not 0 <= start < stop <= cache.n_tokens:
             raise ValueError(f"rows {rows} is not a non-empty range inside the cache's {cache.n_tokens} rows")
