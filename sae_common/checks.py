@@ -17,6 +17,7 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPRESSIONS = ("zstd", "lz4", "none")
 INPUT_NORMS = ("none", "standardize", "scalar")
 TRAIN_DTYPES = ("float32", "bfloat16")
+PARALLEL_MODES = ("auto", "sweep", "data")  # sae train under torchrun
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 MAX_SEED = 2**32 - 1  # every generator the seed reaches (numpy's, torch's, datasets' shuffle) takes it
 # Fields whose flag is not --<field name with dashes> (the list fields have singular, repeatable flags).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any, Callable
 import click
 
 from sae_cache.sae_common.allocator import retain_freed_memory
-from sae_cache.sae_common.checks import COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES, STORED_DTYPES, TRAIN_DTYPES
+from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES, PARALLEL_MODES, STORED_DTYPES,
+                                         TRAIN_DTYPES)
 from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.sae_config import SAEConfig
@@ -56,6 +58,12 @@ INTERRUPTED = {
 }
 
 
+def rank_prefix() -> str:
+    """Under torchrun, which rank speaks: `rank 1 of 2: ...` (torchrun's own summary names the failed rank too)."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {os.environ.get('RANK', '0')} of {size}: " if size not in ("", "1") else ""
+
+
 def user_errors(fn: Callable) -> Callable:
     """Errors a user can cause become a one-line message and exit code 1, never a traceback; Ctrl-C says what
     it left and exits 130 (128 + SIGINT, so `sae train && sae eval` stops there)."""
@@ -65,10 +73,15 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(rank_prefix() + str(e)) from None
         except KeyboardInterrupt as e:
-            click.echo(str(e) or INTERRUPTED.get(fn.__name__, "interrupted"), err=True)
+            click.echo(rank_prefix() + (str(e) or INTERRUPTED.get(fn.__name__, "interrupted")), err=True)
             sys.exit(130)
+        finally:
+            if "torch.distributed" in sys.modules:  # only a command that ran under torchrun joined a group
+                from sae_cache.sae_common.distributed import shutdown
+
+                shutdown()
 
     return wrapper
 
@@ -174,6 +187,7 @@ def many(name: str, flag: str, kind: type) -> Callable:
 @option(TrainConfig, "device")
 @option(TrainConfig, "dtype", type=click.Choice(TRAIN_DTYPES))
 @option(TrainConfig, "shuffle_tokens", type=str, callback=_count)
+@option(TrainConfig, "parallel", type=click.Choice(PARALLEL_MODES))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: cache/runs/<cache>-<hash of the sweep>, so a rerun resumes).")
 @user_errors

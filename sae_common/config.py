@@ -13,9 +13,9 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MAX_SEED, MODEL_DTYPES, STORED_DTYPES, TRAIN_DTYPES,
-                                         bad, check_bool, check_choice, check_device, check_float, check_int,
-                                         check_list, check_text)
+from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MAX_SEED, MODEL_DTYPES, PARALLEL_MODES,
+                                         STORED_DTYPES, TRAIN_DTYPES, bad, check_bool, check_choice, check_device,
+                                         check_float, check_int, check_list, check_text)
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae_config import SAEConfig
 
@@ -241,9 +241,14 @@ class TrainConfig:
     is for GPUs: on a CPU without bf16 matmul units it ran 230x slower (bench/train_bench.py --dtype bfloat16)."""
     shuffle_tokens: int = 131072
     """Rows in the loader's shuffle window."""
+    parallel: str = "auto"
+    """Under torchrun: sweep (the sweep's SAEs divided among the ranks, each rank reading every batch; no
+    communication per step), data (each batch split across the ranks; gradients, selections, thresholds and
+    dead-latent counters over the global batch; for SAEs too wide for one GPU), or auto: sweep when the sweep has
+    at least as many SAEs as ranks, else data. One process ignores it."""
 
     # May change when resuming: they change how the run is executed or reported, not what it computes.
-    EXECUTION_FIELDS = ("tokens", "checkpoint_every", "log_every", "device", "cache")
+    EXECUTION_FIELDS = ("tokens", "checkpoint_every", "log_every", "device", "cache", "parallel")
 
     def __post_init__(self) -> None:
         from sae_cache.sae_common.architectures import ARCHS  # here, not at import: it loads torch
@@ -286,6 +291,7 @@ class TrainConfig:
         check_device("device", self.device)
         check_choice("dtype", self.dtype, TRAIN_DTYPES, "training dtype")
         check_int("shuffle_tokens", self.shuffle_tokens)
+        check_choice("parallel", self.parallel, PARALLEL_MODES, "parallel mode")
 
     def _check_group_fractions(self) -> None:
         # not check_list: equal groups repeat a fraction on purpose (the paper's 1/16, 1/16, ...)

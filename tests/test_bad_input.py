@@ -137,6 +137,7 @@ TABLE = [
     Bad(T, "--device", ("--device", "gpu"), "--device gpu: use auto, cpu, cuda or cuda:N"),
     Bad(T, "--dtype", ("--dtype", "float16"), "'float16' is not one of", code=2),
     Bad(T, "--shuffle-tokens", ("--shuffle-tokens", "0"), "--shuffle-tokens 0: must be a positive integer"),
+    Bad(T, "--parallel", ("--parallel", "model"), "'model' is not one of", code=2),
     Bad(T, "--out", ("--out", "{file}"), "--out {file}: {file} is a file, not a directory"),
 
     Bad(E, "SAE_DIR", ("{cwd}/nope",), "nope does not exist; give SAE directories", names="nope"),
