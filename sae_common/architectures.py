@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
+from sae_cache.sae_common.data_parallel import batch_topk_flat_global, feature_choice_flat_global
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sparse import Latents, batch_topk_flat, mask_flat, topk_flat
 
@@ -341,6 +342,8 @@ class Arch:
     select: Callable[..., Tensor] | None = None
     """(sae, pre_BF) -> sorted flat indices (row·F + col) of the kept entries: enables the sparse training
     path (sparse.py); after ReLU it must keep exactly what `activation` keeps."""
+    select_global: Callable[..., Tensor] | None = None
+    """(batch-level) (sae, pre_BF, n_global) -> `select` over a data-parallel run's global batch (data_parallel.py)."""
     extra_params: Callable[..., dict[str, Tensor]] | None = None
     """cfg -> {name: initial tensor}: extra parameters the SAE registers."""
     threshold: Callable[..., Tensor] | None = None
@@ -350,6 +353,7 @@ class Arch:
 
     def __post_init__(self):
         assert not (self.penalty and self.select), "penalties read dense latents: no sparse path with a penalty"
+        assert (self.select_global is not None) == self.batch_level, "batch-level selections need a global one"
 
     @property
     def uses_k(self) -> bool:
@@ -369,7 +373,15 @@ def _feature_choice_select(sae: SAE, acts_BF: Tensor) -> Tensor:
     return mask_flat(feature_choice_mask(acts_BF, sae.cfg.k * acts_BF.shape[0]))
 
 
-_BATCHTOPK = dict(sweeps=(K,), batch_level=True, select=_batchtopk_select)  # the BatchTopK selection and θ
+def _batchtopk_select_global(sae: SAE, acts_BF: Tensor, n_global: int) -> Tensor:
+    return batch_topk_flat_global(acts_BF, sae.cfg.k * n_global)
+
+
+def _feature_choice_select_global(sae: SAE, acts_BF: Tensor, n_global: int) -> Tensor:
+    return feature_choice_flat_global(acts_BF, sae.cfg.k * n_global)
+
+
+_BATCHTOPK = dict(sweeps=(K,), batch_level=True, select=_batchtopk_select, select_global=_batchtopk_select_global)  # the BatchTopK selection and θ
 ARCHS: dict[str, Arch] = {
     "relu": Arch(_relu, "standard", sweeps=(L1,), penalty=_l1_penalty),
     "topk": Arch(_topk, "topk", sweeps=(K,), aux_weights=_dead_weights, select=_topk_select),
@@ -377,7 +389,8 @@ ARCHS: dict[str, Arch] = {
     "jumprelu": Arch(_jumprelu, "jumprelu", sweeps=(L0,), penalty=_l0_penalty, extra_params=_jumprelu_params,
                      threshold=_jumprelu_threshold),
     "feature_choice": Arch(_feature_choice, "jumprelu", sweeps=(K,), batch_level=True, per_latent_threshold=True,
-                           aux_weights=_zipf_weights, select=_feature_choice_select),
+                           aux_weights=_zipf_weights, select=_feature_choice_select,
+                           select_global=_feature_choice_select_global),
     # the BatchTopK allocation (top k*B of the token x latent matrix) with aux_zipf_loss
     "mutual_choice": Arch(_batchtopk, "jumprelu", aux_weights=_zipf_weights, **_BATCHTOPK),
     # Bussmann et al. 2025: BatchTopK over the whole dictionary, every prefix of nested groups reconstructs x.

@@ -138,6 +138,16 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """[size, *tensor.shape]: every rank's tensor, in rank order (same shape and dtype on every rank)."""
+    if not world().active:
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(world().size)]
+    with _guard("all_gather"):
+        dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place over all ranks: op is sum, max or min. The tensor must be on this rank's device."""
     if world().active:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sae_cache.sae_common import data_parallel as dp
+from sae_cache.sae_common import distributed as D
 from sae_cache.sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae_config import SAEConfig  # noqa: F401  (re-exported: the SAE's config)
-from sae_cache.sae_common.sparse import Latents, Selection, gather_pre, sparse_decode
+from sae_cache.sae_common.sparse import Latents, Selection, densify, gather_pre, sparse_decode
 
 
 @dataclass
@@ -53,6 +55,9 @@ class SAE(nn.Module):
         self.cfg = cfg
         # The TopK family trains on the sparse path (sparse.py); False forces the dense reference path.
         self.sparse_training = True
+        # In training, x holds this rank's rows of a global batch split over the ranks: batch-level quantities
+        # are computed over the global batch and losses are this rank's share of it (data_parallel.py).
+        self.data_parallel = False
         D, F = cfg.d_in, cfg.d_sae
         # BatchTopK reference: kaiming-uniform W_enc, W_dec its transpose with unit-norm rows, zero biases
         W_enc = nn.init.kaiming_uniform_(torch.empty(D, F))
@@ -92,7 +97,8 @@ class SAE(nn.Module):
         and hyper-parameters transfer across layers and models. Returns s."""
         if self.cfg.input_norm != "scalar":
             raise ConfigError(f"set_input_scale needs input_norm='scalar', this SAE has {self.cfg.input_norm!r}")
-        mean_norm = sample_BD.float().norm(dim=-1).mean().item()
+        mean_norm = (dp.global_mean_norm(sample_BD) if self.data_parallel
+                     else sample_BD.float().norm(dim=-1).mean().item())
         if not mean_norm > 0:
             raise ConfigError(f"cannot set the input scale from a sample whose mean norm is {mean_norm}")
         self.input_scale.fill_(math.sqrt(self.cfg.d_in) / mean_norm)
@@ -137,37 +143,61 @@ class SAE(nn.Module):
         Training the TopK family takes the sparse path (same values, O(k·B·d) after the encoder GEMM): the
         encoder GEMM runs without a graph, and only the k·B kept entries carry gradients (sparse.py)."""
         xn_BD, (shift, scale) = self.normalize(x_BD)
+        batch_wide = self.arch.batch_level and batch_mode is not False
+        n_global = dp.global_rows(x_BD.shape[0], x_BD.device) if self.training and self.data_parallel else None
         if self.training and self.sparse_training and self.arch.select is not None and batch_mode is not False:
             b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
             with torch.no_grad():
                 pre_BF = self.pre_activations(xn_BD)
                 # selecting on pre rather than relu(pre) keeps the same positives (the rest are zeroed below)
-                sel = Selection(self.arch.select(self, pre_BF), pre_BF.shape)
+                sel = Selection(self._select(pre_BF, n_global), pre_BF.shape)
             vals_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu()
             latents = Latents(vals_N=vals_N, sel=sel)
-            self.record_batch(x_BD.shape[0], sel.rows, sel.cols, vals_N.detach())
+            self.record_batch(n_global or x_BD.shape[0], sel.rows, sel.cols, vals_N.detach())
         else:
             pre_BF = self.pre_activations(xn_BD)
-            latents = Latents(acts_BF=self.activate(pre_BF, batch_mode))
+            if n_global is not None and batch_wide:  # the dense path keeps what the global selection keeps
+                with torch.no_grad():
+                    sel = Selection(self._select(pre_BF, n_global), pre_BF.shape)
+                    keep_BF = densify(sel.rows, sel.cols, torch.ones_like(sel.rows, dtype=torch.bool), pre_BF.shape)
+                latents = Latents(acts_BF=pre_BF.relu() * keep_BF)
+            else:
+                latents = Latents(acts_BF=self.activate(pre_BF, batch_mode))
             if self.training:
-                self.update_stats(latents.acts_BF.detach())
-        return self._losses(xn_BD, pre_BF, latents, shift, scale)
+                self.update_stats(latents.acts_BF.detach(), n_global)
+        return self._losses(xn_BD, pre_BF, latents, shift, scale, n_global)
 
-    def _losses(self, xn_BD: Tensor, pre_BF: Tensor, latents: Latents, shift: Tensor, scale: Tensor) -> SAEOutput:
+    def _select(self, pre_BF: Tensor, n_global: int | None) -> Tensor:
+        """The architecture's selection: over this rank's rows, or for batch-level ones in a data-parallel step
+        over the global batch of n_global rows."""
+        if n_global is not None and self.arch.batch_level:
+            return self.arch.select_global(self, pre_BF, n_global)
+        return self.arch.select(self, pre_BF)
+
+    def _losses(self, xn_BD: Tensor, pre_BF: Tensor, latents: Latents, shift: Tensor, scale: Tensor,
+                n_global: int | None = None) -> SAEOutput:
         """The loss, assembled once for both paths: the architecture's reconstruction loss, its penalty (dense
-        path only), and the auxiliary loss on the residual of the full reconstruction."""
+        path only), and the auxiliary loss on the residual of the full reconstruction. In a data-parallel step
+        (n_global set) every term is this rank's share of the global batch's mean (its rows' sum over n_global
+        rows), so summing over the ranks gives the global value, and the gradients sum to the global gradient."""
         xhat_n_BD, recon = self.arch.reconstruction(self, latents, xn_BD)
         zero = xn_BD.new_zeros(())
         penalty = self.arch.penalty(self, pre_BF, latents.acts_BF) if self.arch.penalty else zero
         aux = zero
         if self.arch.aux_weights is not None:
-            aux = self._aux(pre_BF, xn_BD, (xn_BD - xhat_n_BD).detach(), dense=latents.acts_BF is not None)
+            aux = self._aux(pre_BF, xn_BD, (xn_BD - xhat_n_BD).detach(), dense=latents.acts_BF is not None,
+                            n_global=n_global)
         with torch.no_grad():
             mse = (xhat_n_BD - xn_BD).pow(2).mean()
+        l0 = latents.l0()
+        if n_global is not None:
+            share = xn_BD.shape[0] / n_global
+            recon, penalty, aux, mse, l0 = (t * share for t in (recon, penalty, aux, mse, l0))
         return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=latents.acts_BF, loss=recon + penalty + aux,
-                         recon=recon, mse=mse, penalty=penalty, aux=aux, l0=latents.l0())
+                         recon=recon, mse=mse, penalty=penalty, aux=aux, l0=l0)
 
-    def _aux(self, pre_BF: Tensor, xn_BD: Tensor, residual_BD: Tensor, dense: bool) -> Tensor:
+    def _aux(self, pre_BF: Tensor, xn_BD: Tensor, residual_BD: Tensor, dense: bool,
+             n_global: int | None = None) -> Tensor:
         """aux_coeff · the auxiliary loss (AuxK or aux_zipf). On the dense path pre_BF carries the graph; on the
         sparse one it has none, and with C candidate latents (dead or under-used) a dense [B, C] recomputation
         costs ~4·B·C·d at GEMM speed, the sparse one ~4·B·aux_k·d at gather speed (an order of magnitude slower
@@ -192,8 +222,10 @@ class SAE(nn.Module):
                 sel = Selection(flat.flatten().sort().values, (B, F))
             v_A = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu() * weight_F[sel.cols]
             aux = (sparse_decode(v_A, self.W_dec, sel) - residual_BD).pow(2).mean()
-        if self.cfg.aux_normalised:  # Gao et al. 2024: relative to the variance of the residual
-            aux = aux / (residual_BD - residual_BD.mean(0)).pow(2).mean().clamp_min(1e-12)
+        if self.cfg.aux_normalised:  # Gao et al. 2024: relative to the variance of the residual (of the global batch)
+            var = (residual_BD - residual_BD.mean(0)).pow(2).mean() if n_global is None else \
+                dp.global_centred_sq(residual_BD, n_global) / (n_global * residual_BD.shape[1])
+            aux = aux / var.clamp_min(1e-12)
         return self.cfg.aux_coeff * aux
 
     # ------------------------------------------------------------ decoder constraint
@@ -211,19 +243,23 @@ class SAE(nn.Module):
     # ------------------------------------------------------------ training bookkeeping
 
     @torch.no_grad()
-    def update_stats(self, acts_BF: Tensor) -> None:
+    def update_stats(self, acts_BF: Tensor, n_global: int | None = None) -> None:
         """Record one training batch from its dense latents (see record_batch)."""
         rows_N, cols_N = acts_BF.nonzero(as_tuple=True)
-        self.record_batch(acts_BF.shape[0], rows_N, cols_N, acts_BF[rows_N, cols_N])
+        self.record_batch(n_global or acts_BF.shape[0], rows_N, cols_N, acts_BF[rows_N, cols_N])
 
     @torch.no_grad()
     def record_batch(self, n_tokens: int, rows_N: Tensor, cols_N: Tensor, vals_N: Tensor) -> None:
         """Record one training batch given its kept entries: dead-latent counters (in tokens), densities,
-        and for batch-level architectures the smallest activation kept (the θ window)."""
+        and for batch-level architectures the smallest activation kept (the θ window). In a data-parallel
+        step the entries are this rank's, n_tokens the global batch's, and counts and minima are global."""
         F = self.cfg.d_sae
+        global_ = self.training and self.data_parallel
         fired = vals_N > 0
         cols_N, vals_N = cols_N[fired], vals_N[fired]
         counts_F = torch.bincount(cols_N, minlength=F)
+        if global_:
+            D.all_reduce_(counts_F)
         self.tokens_since_fired.add_(n_tokens).masked_fill_(counts_F > 0, 0)
         n_seen = int(self.n_batches)
         # running mean over the first N batches, then an EMA with time constant N
@@ -234,6 +270,8 @@ class SAE(nn.Module):
                 smallest_T.scatter_reduce_(0, cols_N, vals_N, reduce="amin")
             else:
                 smallest_T = vals_N.min().reshape(1) if len(vals_N) else vals_N.new_full((1,), math.inf)
+            if global_:
+                D.all_reduce_(smallest_T, "min")
             # a latent that kept nothing this batch says nothing about its threshold: NaN, skipped in the mean
             self.theta_window[n_seen % self.cfg.stats_window] = smallest_T.float().nan_to_num(posinf=math.nan)
         self.n_batches += 1

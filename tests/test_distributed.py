@@ -18,6 +18,7 @@ def test_one_process_is_a_world_of_one_and_collectives_are_identities() -> None:
     t = torch.tensor([2.0])
     assert D.all_reduce_(t, "max") is t and t.item() == 2.0
     assert list(D.shard(5)) == [0, 1, 2, 3, 4]
+    assert D.all_gather(torch.tensor([1.0, 2.0])).tolist() == [[1.0, 2.0]]
 
 
 def test_shard_splits_round_robin_and_covers_everything_once() -> None:
@@ -35,6 +36,7 @@ def test_two_ranks_see_each_other() -> None:
     for s in seen:
         assert s["gathered"] == ["r0", "r1"] and s["broadcast"] == {"from": 0}
         assert (s["sum"], s["max"], s["min"]) == (3.0, 2.0, 1.0)
+        assert s["all_gather"] == [[0, 10], [1, 11]]
     assert seen[0]["shard"] == [0, 2, 4] and seen[1]["shard"] == [1, 3]
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from sae_cache.sae_common.data_parallel import all_reduce_grads, global_metrics
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.sae import SAE
 from sae_cache.train.checkpoint import HISTORY
@@ -51,12 +52,18 @@ class Member:
         with torch.autocast(x_BD.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             out = self.sae(x_BD)
         out.loss.float().backward()
+        if self.sae.data_parallel:  # x_BD is this rank's slice of the global batch (sae_common/data_parallel.py)
+            all_reduce_grads(self.sae.parameters())
         self.sae.constrain_decoder()
         self.opt.step()
-        with torch.no_grad():  # fraction of variance unexplained of this batch, in raw space
-            fvu = (out.x_hat - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()
-            for key, value in (("loss", out.loss), ("mse", out.mse), ("fvu", fvu), ("l0", out.l0), ("aux", out.aux)):
-                self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        if self.sae.data_parallel:
+            metrics = global_metrics(out.loss, out.mse, out.l0, out.aux, out.x_hat, x_BD)
+        else:
+            with torch.no_grad():  # fraction of variance unexplained of this batch, in raw space
+                fvu = (out.x_hat - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()
+            metrics = {"loss": out.loss, "mse": out.mse, "fvu": fvu, "l0": out.l0, "aux": out.aux}
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
         self.n += 1
 
     def flush(self, tokens: int) -> dict[str, Any]:
