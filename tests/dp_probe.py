@@ -13,7 +13,7 @@ from sae_cache.sae_common import distributed as D
 from sae_cache.sae_common.sae import SAE, SAEConfig
 from sae_cache.train.trainer import Member
 
-D_IN, F, B, K, STEPS = 16, 64, 48, 4, 6
+D_IN, F, B, K, STEPS = 16, 64, 47, 4, 6  # B odd: the ranks hold 23 and 24 rows
 # (name, arch, sparse path, extra config): both paths for BatchTopK and Feature Choice; dead_tokens = one batch
 # so that latents die within the run and the auxiliary losses (AuxK, aux_zipf) take part
 CASES = [("batchtopk_sparse", "batchtopk", True, {}), ("batchtopk_dense", "batchtopk", False, {}),

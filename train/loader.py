@@ -66,12 +66,15 @@ class ActivationLoader:
     shuffle_tokens: rows per shuffle window, rounded to whole chunks; two windows are held in memory.
     workers: threads decoding chunks; prefetch: batches kept ready ahead of the consumer.
     start_batch: resume here; batches start_batch..n_batches-1 are yielded, equal to an uninterrupted run's.
+    part: (rank, size) of a data-parallel run: each batch is rank's rows [rank·B/size, (rank+1)·B/size) of the
+    global batch of `batch_size` rows (every rank decodes the whole batch and keeps its slice).
     Iterating starts fresh background threads each time; closing or dropping the iterator stops them.
     """
 
     def __init__(self, cache: Cache, hook: str, *, batch_size: int, n_batches: int, rows: tuple[int, int] | None = None,
                  seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 shuffle_tokens: int = TrainConfig.shuffle_tokens, workers: int = 2, prefetch: int = 4, start_batch: int = 0):
+                 shuffle_tokens: int = TrainConfig.shuffle_tokens, workers: int = 2, prefetch: int = 4, start_batch: int = 0,
+                 part: tuple[int, int] = (0, 1)):
         start, stop = rows = (0, holdout_start(cache)) if rows is None else rows
         if not 0 <= start < stop <= cache.n_tokens:
             raise ValueError(f"rows {rows} is not a non-empty range inside the cache's {cache.n_tokens} rows")
@@ -88,6 +91,8 @@ class ActivationLoader:
         self.batch_size, self.n_batches, self.start_batch, self.seed = batch_size, n_batches, start_batch, seed
         self.device, self.dtype = torch.device(device), dtype
         self.workers, self.prefetch = workers, prefetch
+        rank, size = part
+        self.part_rows = (rank * batch_size // size, (rank + 1) * batch_size // size)
 
     @property
     def n_rows(self) -> int:
@@ -113,9 +118,10 @@ class ActivationLoader:
         return epoch, window, offset - (int(ends[window - 1]) if window else 0)
 
     def source_rows(self, batch: int, rows_in_batch: list[int]) -> list[int]:
-        """Cache row indices of some rows of batch `batch` (to name bad data); decodes nothing."""
+        """Cache row indices of some rows of batch `batch` (of this rank's part of it) to name bad data; decodes
+        nothing."""
         found = []
-        for i in rows_in_batch:
+        for i in (self.part_rows[0] + i for i in rows_in_batch):
             epoch, window, offset = self.locate(batch * self.batch_size + i)
             spans_W2 = self.spans_U2[self.windows(epoch)[window]]
             lengths = spans_W2[:, 1] - spans_W2[:, 0]
@@ -137,6 +143,8 @@ class ActivationLoader:
                 x_BD = batches.get()
                 if isinstance(x_BD, BaseException):
                     raise x_BD
+                if self.part_rows != (0, self.batch_size):
+                    x_BD = x_BD[self.part_rows[0]:self.part_rows[1]]
                 if self.device.type == "cuda":
                     # Copy the pinned storage-dtype rows first and convert on the GPU: `.to(device, dtype)` would
                     # convert on the CPU into unpinned memory, doubling the bytes and making the copy synchronous.

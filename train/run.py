@@ -7,7 +7,7 @@ import hashlib
 import itertools
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,6 +19,7 @@ from sae_cache.sae_common.cache_format import (DEFAULT_ROOT, Cache, CacheError, 
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.console import make_console
+from sae_cache.sae_common.distributed import World, all_gather_object, rank_device, world
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.files import Locked, acquire_lock
 from sae_cache.sae_common.model import resolve_device
@@ -108,6 +109,14 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
     cache = pick_cache(cfg, console)
     hook = pick_hook(cfg, cache)
     entries = expand(cfg, cache.d_model)
+    w = world()
+    data_parallel = parallel_mode(cfg, len(entries), w) == "data"
+    writer = w.is_main or not data_parallel  # data-parallel: rank 0 alone writes the run directory
+    if data_parallel:
+        device = rank_device(device)
+        if cfg.batch_size < w.size:
+            raise UserError(f"--batch-size {cfg.batch_size} cannot be split across {w.size} ranks (--parallel data "
+                            f"gives each rank batch-size/{w.size} rows); use a batch of at least {w.size}")
     run_dir = Path(out) if out is not None else default_run_dir(cfg, cache, hook)
     check_output_dir(run_dir)
     rows = (0, holdout_start(cache, cfg.holdout_fraction))
@@ -118,30 +127,38 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
     if cfg.dtype == "bfloat16" and device == "cpu":
         console.print("[yellow]--dtype bfloat16 on the CPU: bf16 matmuls ran 230x slower than float32 on a CPU "
                       "without bf16 units (bench/train_bench.py); float32 is the CPU's fast path[/]")
-    with run_lock(run_dir):
+    with run_lock(run_dir) if writer else nullcontext():
         state = check_resume(run_dir, cfg.identity())
         members = build_members(entries, device, cfg.seed, cfg.dtype)
+        if data_parallel:
+            same_checkpoint(state, run_dir, w)
+            for m in members:
+                m.sae.data_parallel = True
         saved = [state["batches_done"] if state else None]  # the checkpoint a failure leaves
 
         def save(done: int) -> None:
-            save_checkpoint(run_dir, members, done, {"identity": cfg.identity()})
+            if writer:
+                save_checkpoint(run_dir, members, done, {"identity": cfg.identity()})
             saved[0] = done
 
         try:
-            start = resume(run_dir, members, state, cfg.batch_size, n_batches, console)
+            start = resume(run_dir, members, state, cfg.batch_size, n_batches, console, writer)
             # absolute, so that eval finds the cache from any directory
             run_info = {"config": cfg.to_dict(), "cache": os.path.abspath(cache.path), "hook": hook,
                         "model": cache.meta["model"], "holdout_start": rows[1], "n_batches": n_batches,
                         "saes": [m.name for m in members]}
-            write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
-            loader, batches = open_stream(cache, hook, cfg, rows, n_batches, start, device, members, console)
+            if writer:
+                write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
+            part = (w.rank, w.size) if data_parallel else (0, 1)
+            loader, batches = open_stream(cache, hook, cfg, rows, n_batches, start, device, members, console, part)
             console.print(f"training {len(members)} SAE(s) on {hook} of {cache.path} for {n_batches:,} batches of "
                           f"{cfg.batch_size:,} tokens into {run_dir}")
             done = train_loop(members, batches, start_batch=start, n_batches=n_batches, batch_size=cfg.batch_size,
                               log_every=cfg.log_every, run_dir=run_dir, save=save, source_rows=loader.source_rows,
                               checkpoint_every_batches=max(1, cfg.checkpoint_every // cfg.batch_size),
-                              console=console)
-            export(members, entries, run_dir, cache, hook, cfg, run_info, done)
+                              console=console, write_history=writer, agree_stop=data_parallel)
+            if writer:
+                export(members, entries, run_dir, cache, hook, cfg, run_info, done)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -153,11 +170,31 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
     return run_dir
 
 
+def parallel_mode(cfg: TrainConfig, n_saes: int, w: World) -> str:
+    """How a torchrun job trains (one process: "single"): --parallel, where auto means sweep-parallel when there
+    are at least as many SAEs as ranks (no communication per step), else data-parallel."""
+    if not w.active:
+        return "single"
+    if cfg.parallel == "auto":
+        return "sweep" if n_saes >= w.size else "data"
+    return cfg.parallel
+
+
+def same_checkpoint(state: dict[str, Any] | None, run_dir: Path, w: World) -> None:
+    """Data-parallel ranks each load the checkpoint rank 0 wrote: refuse to start if they see different ones."""
+    seen = all_gather_object(state["batches_done"] if state else None)
+    if len(set(seen)) > 1:
+        raise UserError(f"the ranks see different checkpoints in {run_dir} (batches done per rank: {seen}); the run "
+                        "directory must be one shared by every rank (a shared filesystem)")
+
+
 def open_stream(cache: Cache, hook: str, cfg: TrainConfig, rows: tuple[int, int], n_batches: int, start: int,
-                device: str, members: list[Member], console: Console) -> tuple[ActivationLoader, Iterator[torch.Tensor]]:
-    """The training batches from batch `start` on; a fresh run first sets the SAEs' input scale from batch 0."""
+                device: str, members: list[Member], console: Console,
+                part: tuple[int, int] = (0, 1)) -> tuple[ActivationLoader, Iterator[torch.Tensor]]:
+    """The training batches from batch `start` on (a data-parallel rank's `part` of each); a fresh run first sets
+    the SAEs' input scale from batch 0 (data-parallel: from the whole global batch 0)."""
     loader = ActivationLoader(cache, hook, batch_size=cfg.batch_size, n_batches=n_batches, rows=rows, seed=cfg.seed,
-                              device=device, shuffle_tokens=cfg.shuffle_tokens, start_batch=start)
+                              device=device, shuffle_tokens=cfg.shuffle_tokens, start_batch=start, part=part)
     if loader.epochs > 1:
         console.print(f"[yellow]{n_batches * cfg.batch_size:,} tokens exceed the cache's {loader.n_rows:,} training "
                       f"tokens: training takes {loader.epochs} epochs[/]")
@@ -187,15 +224,16 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def resume(run_dir: Path, members: list[Member], state: dict[str, Any] | None, batch_size: int, n_batches: int,
-           console: Console) -> int:
-    """Restore the checkpoint `state` names (verified first) and drop the history logged past it; returns
-    the batch to start from."""
+           console: Console, writer: bool = True) -> int:
+    """Restore the checkpoint `state` names (verified first) and (writer) drop the history logged past it;
+    returns the batch to start from."""
     done = state["batches_done"] if state is not None else 0
     if state is not None:
         load_checkpoint(run_dir, members, state)
-    for m in members:
-        (run_dir / m.name).mkdir(exist_ok=True)
-    trim_histories(run_dir, [m.name for m in members], done * batch_size)
+    if writer:
+        for m in members:
+            (run_dir / m.name).mkdir(exist_ok=True)
+        trim_histories(run_dir, [m.name for m in members], done * batch_size)
     start = min(done, n_batches)
     if state is not None:
         console.print(f"resuming {run_dir} at batch {start:,} ({start * batch_size:,} tokens)")

@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from sae_cache.sae_common.data_parallel import all_reduce_grads, global_metrics
+from sae_cache.sae_common.distributed import all_reduce_
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.sae import SAE
 from sae_cache.train.checkpoint import HISTORY
@@ -101,10 +102,11 @@ class StopFlag:
 def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_batch: int, n_batches: int,
                batch_size: int, log_every: int, checkpoint_every_batches: int, run_dir: Path,
                save: Callable[[int], None], source_rows: Callable[[int, list[int]], list[int]],
-               console: Console) -> int:
+               console: Console, write_history: bool = True, agree_stop: bool = False) -> int:
     """Train until `n_batches`; returns the number of batches done (checkpointed). On Ctrl-C it checkpoints
-    the batches done and raises TrainingInterrupted."""
-    histories = {m.name: open(run_dir / m.name / HISTORY, "a") for m in members}
+    the batches done and raises TrainingInterrupted. write_history=False: metrics are kept, not written (a
+    data-parallel rank other than 0); agree_stop: the ranks stop after the same batch when any saw Ctrl-C."""
+    histories = {m.name: open(run_dir / m.name / HISTORY, "a") for m in members} if write_history else {}
     done, t0, done0 = start_batch, time.perf_counter(), start_batch
     try:
         with StopFlag() as stop, Live(_table(members, done, n_batches, batch_size, 0.0), console=console,
@@ -117,6 +119,8 @@ def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_
                 for m in members:
                     m.step(x_BD)
                 done += 1
+                if agree_stop:  # one rank leaving the loop early would leave the others waiting in a collective
+                    stop.set = bool(all_reduce_(torch.tensor([int(stop.set)], device=x_BD.device), "max"))
                 at_end = done == n_batches
                 if done % log_every == 0 or at_end or stop.set:
                     _record(members, histories, done * batch_size)
@@ -145,8 +149,9 @@ def _record(members: list[Member], histories: dict, tokens: int) -> None:
         if not all(map(_finite, record.values())):
             raise TrainingError(f"SAE {m.name} diverged (non-finite loss at {tokens:,} tokens: {record}); training "
                                 "stopped, the last good checkpoint is kept. Try a lower --lr.")
-        histories[m.name].write(json.dumps(record) + "\n")
-        histories[m.name].flush()
+        if m.name in histories:
+            histories[m.name].write(json.dumps(record) + "\n")
+            histories[m.name].flush()
 
 
 def _finite(v: Any) -> bool:
