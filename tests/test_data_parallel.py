@@ -26,26 +26,26 @@ from tests.dp_probe import CASES, STEPS
 LR, DELTA = 1e-3, 1e-4
 
 
-def test_keep_top_over_simulated_ranks_is_the_global_top_n_with_ties_by_global_position() -> None:
-    g = torch.Generator().manual_seed(0)
-    global_R = torch.randn(40, generator=g)
-    global_R[[3, 17, 25, 38]] = 0.5  # ties; enough of them lie at the threshold for n below
-    n = int((global_R > 0.5).sum()) + 2  # two of the four tied entries fit
-    parts = [global_R[:20, None], global_R[20:, None]]  # rank 0 holds rows 0..19, rank 1 rows 20..39
+def _kept_over_two_ranks(global_R: torch.Tensor, n: int) -> torch.Tensor:
+    """keep_top as two ranks run it: rank 0 holds entries 0..19, rank 1 the rest; each offers its n largest."""
+    parts = [global_R[:20, None], global_R[20:, None]]
     cands_NM1 = torch.stack([torch.cat([p.topk(min(n, len(p)), dim=0).values,
                                         p.new_full((n - min(n, len(p)), 1), -torch.inf)]) for p in parts])
-    kept = torch.cat([keep_top(p, cands_NM1, torch.tensor([n]), rank).squeeze(1) for rank, p in enumerate(parts)])
-    assert int(kept.sum()) == n
+    return torch.cat([keep_top(p, cands_NM1, torch.tensor([n]), rank).squeeze(1) for rank, p in enumerate(parts)])
+
+
+def test_keep_top_over_simulated_ranks_is_the_global_top_n_with_ties_by_global_position() -> None:
+    global_R = torch.randn(40, generator=torch.Generator().manual_seed(0))
+    global_R[[3, 17, 25, 38]] = 0.5  # four tied entries, two on each rank
+    n = int((global_R > 0.5).sum()) + 2  # two of the tied entries fit
+    kept = _kept_over_two_ranks(global_R, n)
     expect = global_R > 0.5
     expect[[3, 17]] = True  # the two tied entries with the lowest global positions
-    assert torch.equal(kept, expect)
-    # without ties the set is torch.topk's
-    global_R[[3, 17, 25, 38]] = torch.tensor([0.51, 0.52, 0.53, 0.54])
-    parts = [global_R[:20, None], global_R[20:, None]]
-    cands_NM1 = torch.stack([torch.cat([p.topk(20, dim=0).values, p.new_full((n - 20, 1), -torch.inf)])
-                             if n > 20 else p.topk(n, dim=0).values for p in parts])
-    kept = torch.cat([keep_top(p, cands_NM1, torch.tensor([n]), rank).squeeze(1) for rank, p in enumerate(parts)])
-    assert set(kept.nonzero().flatten().tolist()) == set(global_R.topk(n).indices.tolist())
+    assert int(kept.sum()) == n and torch.equal(kept, expect)
+    global_R[[3, 17, 25, 38]] = torch.tensor([0.51, 0.52, 0.53, 0.54])  # without ties: torch.topk's set
+    for n in (5, 25):  # 25: more than one rank holds, so a rank offers all its entries
+        kept = _kept_over_two_ranks(global_R, n)
+        assert set(kept.nonzero().flatten().tolist()) == set(global_R.topk(n).indices.tolist())
 
 
 def test_in_one_process_the_global_selections_are_the_plain_ones() -> None:
