@@ -64,6 +64,12 @@ def rank_prefix() -> str:
     return f"rank {os.environ.get('RANK', '0')} of {size}: " if size not in ("", "1") else ""
 
 
+def echo_result(path: Path) -> None:
+    """stdout carries a command's result path once: under torchrun from rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(str(path))
+
+
 def user_errors(fn: Callable) -> Callable:
     """Errors a user can cause become a one-line message and exit code 1, never a traceback; Ctrl-C says what
     it left and exits 130 (128 + SIGINT, so `sae train && sae eval` stops there)."""
@@ -125,8 +131,7 @@ def harvest(out: Path | None, overwrite: bool, **options: Any) -> None:
     cfg = HarvestConfig(**options)  # checks every value before the heavy imports
     from sae_cache.harvest.run import harvest as run_harvest
 
-    path = run_harvest(cfg, out, overwrite=overwrite)
-    click.echo(str(path))
+    echo_result(run_harvest(cfg, out, overwrite=overwrite))
 
 
 def _list_of(kind: type) -> Callable:
@@ -201,7 +206,7 @@ def train(out: Path | None, **options: Any) -> None:
     for key in ("archs", "ks", "dict_sizes", "expansions", "l1_coeffs", "l0_coeffs", "lrs", "group_fractions"):
         if not options[key]:
             options[key] = default(TrainConfig, key)
-    click.echo(str(run_train(TrainConfig(**options), out)))
+    echo_result(run_train(TrainConfig(**options), out))
 
 
 
