@@ -5,7 +5,8 @@ Architectures differ only in (DESIGN.md, "SAEs"):
 - for batch-level ones, inference uses a threshold estimated in training instead (held by the SAE);
 - the reconstruction loss (the MSE of x̂, or matryoshka's mean over nested prefixes), an optional penalty
   (relu: L1, jumprelu: L0) and an optional auxiliary loss (AuxK, aux_zipf);
-- the hyper-parameters a training run sweeps for it (k, l1_coeff, l0_coeff), which also name its SAEs;
+- the settings it uses that a training run may sweep (sae_config.SWEEPS: k, l1_coeff, l0_coeff, aux_k, ...),
+  which also name its SAEs;
 - the SAELens architecture it is exported as.
 Everything else (decoder constraint, dead-latent bookkeeping, input normalisation, the loss's assembly on
 the dense and sparse paths, the sweep, saving) is shared and lives in sae.py / sparse.py / train/sweep.py /
@@ -26,8 +27,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
+from sae_cache.sae_common.checks import bad
 from sae_cache.sae_common.data_parallel import batch_topk_flat_global, feature_choice_flat_global
-from sae_cache.sae_common.errors import ConfigError
+from sae_cache.sae_common.sae_config import (AUX_COEFF, AUX_K, BANDWIDTH, GROUP_FRACTIONS, JUMPRELU_INIT_THRESHOLD,
+                                             K, L0, L1, ZIPF_UNDERUSE_SCALE, Sweep)
 from sae_cache.sae_common.sparse import Latents, batch_topk_flat, mask_flat, topk_flat
 
 if TYPE_CHECKING:
@@ -294,29 +297,17 @@ def _matryoshka_reconstruction(sae: SAE, latents: Latents, xn_BD: Tensor) -> tup
 
 def _check_groups(cfg: SAEConfig) -> None:
     fractions = cfg.group_fractions
+    shown = ",".join(f"{v:g}" for v in fractions)
     if not fractions or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"group_fractions {fractions!r} must be positive fractions of the dictionary that sum "
-                          "to 1, e.g. 0.0625,0.0625,0.125,0.25,0.5")
+        raise bad("group_fractions", shown, "must be positive fractions of the dictionary that sum to 1, e.g. "
+                  "1/16,1/16,1/8,1/4,1/2")
     ends = group_ends(cfg.d_sae, fractions)
     if min(b - a for a, b in zip([0, *ends[:-1]], ends)) < 1:
-        raise ConfigError(f"group_fractions {fractions!r} leave a group of d_sae={cfg.d_sae} latents empty "
-                          f"(group ends {ends}); use a larger dictionary or fewer, larger groups")
+        raise bad("group_fractions", shown, f"leaves a group of the {cfg.d_sae}-latent dictionary empty (group ends "
+                  f"{ends}); use a larger dictionary or fewer, larger groups")
 
 
 # ---------------------------------------------------------------- the registry
-
-@dataclass(frozen=True)
-class Sweep:
-    """A hyper-parameter an architecture sweeps over: the SAEConfig field, the TrainConfig field listing its
-    values (a --flag taking several), and its run-name tag (`{tag}{value:g}`, e.g. k32, l1_0.01)."""
-
-    field: str
-    values: str
-    tag: str
-
-
-K, L1, L0 = Sweep("k", "ks", "k"), Sweep("l1_coeff", "l1_coeffs", "l1_"), Sweep("l0_coeff", "l0_coeffs", "l0_")
-
 
 @dataclass(frozen=True)
 class Arch:
@@ -327,7 +318,8 @@ class Arch:
     saelens: str
     """The SAELens 6.x architecture it is exported as: standard, topk or jumprelu."""
     sweeps: tuple[Sweep, ...] = ()
-    """The hyper-parameters a training run sweeps over for it (and that name its SAEs)."""
+    """The sweepable settings it uses (sae_config.SWEEPS): a run trains one of it per value of each, and names it
+    by them. A setting it does not list does not multiply it."""
     batch_level: bool = False
     """Selection depends on the whole batch: inference uses a threshold estimated in training instead."""
     per_latent_threshold: bool = False
@@ -354,6 +346,8 @@ class Arch:
     def __post_init__(self):
         assert not (self.penalty and self.select), "penalties read dense latents: no sparse path with a penalty"
         assert (self.select_global is not None) == self.batch_level, "batch-level selections need a global one"
+        assert (self.aux_weights is not None) == (AUX_K in self.sweeps) == (AUX_COEFF in self.sweeps), \
+            "an auxiliary loss uses aux_k and aux_coeff: list AUX_K and AUX_COEFF in sweeps exactly when it has one"
 
     @property
     def uses_k(self) -> bool:
@@ -381,20 +375,23 @@ def _feature_choice_select_global(sae: SAE, acts_BF: Tensor, n_global: int) -> T
     return feature_choice_flat_global(acts_BF, sae.cfg.k * n_global)
 
 
-_BATCHTOPK = dict(sweeps=(K,), batch_level=True, select=_batchtopk_select, select_global=_batchtopk_select_global)  # the BatchTopK selection and θ
+# the BatchTopK selection (one process, and over all ranks' rows) and θ
+_BATCHTOPK = dict(batch_level=True, select=_batchtopk_select, select_global=_batchtopk_select_global)
+_AUXK = (K, AUX_K, AUX_COEFF)
+_ZIPF = (*_AUXK, ZIPF_UNDERUSE_SCALE)
 ARCHS: dict[str, Arch] = {
     "relu": Arch(_relu, "standard", sweeps=(L1,), penalty=_l1_penalty),
-    "topk": Arch(_topk, "topk", sweeps=(K,), aux_weights=_dead_weights, select=_topk_select),
-    "batchtopk": Arch(_batchtopk, "jumprelu", aux_weights=_dead_weights, **_BATCHTOPK),
-    "jumprelu": Arch(_jumprelu, "jumprelu", sweeps=(L0,), penalty=_l0_penalty, extra_params=_jumprelu_params,
-                     threshold=_jumprelu_threshold),
-    "feature_choice": Arch(_feature_choice, "jumprelu", sweeps=(K,), batch_level=True, per_latent_threshold=True,
+    "topk": Arch(_topk, "topk", sweeps=_AUXK, aux_weights=_dead_weights, select=_topk_select),
+    "batchtopk": Arch(_batchtopk, "jumprelu", sweeps=_AUXK, aux_weights=_dead_weights, **_BATCHTOPK),
+    "jumprelu": Arch(_jumprelu, "jumprelu", sweeps=(L0, BANDWIDTH, JUMPRELU_INIT_THRESHOLD), penalty=_l0_penalty,
+                     extra_params=_jumprelu_params, threshold=_jumprelu_threshold),
+    "feature_choice": Arch(_feature_choice, "jumprelu", sweeps=_ZIPF, batch_level=True, per_latent_threshold=True,
                            aux_weights=_zipf_weights, select=_feature_choice_select,
                            select_global=_feature_choice_select_global),
     # the BatchTopK allocation (top k*B of the token x latent matrix) with aux_zipf_loss
-    "mutual_choice": Arch(_batchtopk, "jumprelu", aux_weights=_zipf_weights, **_BATCHTOPK),
+    "mutual_choice": Arch(_batchtopk, "jumprelu", sweeps=_ZIPF, aux_weights=_zipf_weights, **_BATCHTOPK),
     # Bussmann et al. 2025: BatchTopK over the whole dictionary, every prefix of nested groups reconstructs x.
     # Inference θ as batchtopk: the BatchTopK paper's window mean (their Matryoshka reference uses an EMA).
-    "matryoshka_batchtopk": Arch(_batchtopk, "jumprelu", aux_weights=_dead_weights,
+    "matryoshka_batchtopk": Arch(_batchtopk, "jumprelu", sweeps=(*_AUXK, GROUP_FRACTIONS), aux_weights=_dead_weights,
                                  reconstruction=_matryoshka_reconstruction, check=_check_groups, **_BATCHTOPK),
 }

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from dataclasses import fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,10 +18,10 @@ import click
 
 from sae_cache.sae_common.allocator import retain_freed_memory
 from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES, PARALLEL_MODES, STORED_DTYPES,
-                                         TRAIN_DTYPES)
+                                         TRAIN_DTYPES, flag)
 from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
 from sae_cache.sae_common.errors import UserError
-from sae_cache.sae_common.sae_config import SAEConfig
+from sae_cache.sae_common.sae_config import SWEEPS, SAEConfig
 
 
 def doc(cls: type, name: str) -> str:
@@ -134,57 +135,109 @@ def harvest(out: Path | None, overwrite: bool, **options: Any) -> None:
     echo_result(run_harvest(cfg, out, overwrite=overwrite))
 
 
+def _number(text: str, kind: type) -> int | float:
+    """One value of a list flag: a count for ints (16, 4K), a number or a ratio for floats (0.0625, 1/16)."""
+    if kind is int:
+        return parse_count(text)
+    try:
+        return float(text)
+    except ValueError:
+        if "/" not in text:
+            raise
+        return float(Fraction(text))  # 1/16 reads better than 0.0625 (and 1/32 for the AuxK coefficient)
+
+
+def _parts(value: str, sep: str) -> list[str]:
+    if not value.replace(sep, "").strip():
+        raise click.BadParameter(f"{value!r} holds no value")
+    return [part.strip() for part in value.split(sep) if part.strip()]
+
+
 def _list_of(kind: type) -> Callable:
     """A callback for repeatable options that also take comma lists: --k 16 --k 32 or --k 16,32."""
 
+    def one(part: str) -> Any:
+        try:
+            return _number(part, kind) if kind in (int, float) else kind(part)
+        except (ValueError, ZeroDivisionError):  # the range (e.g. positive) is the config's to check, with the flag
+            raise click.BadParameter(f"{part!r} is not {'a whole number' if kind is int else 'a number'}") from None
+
     def parse(ctx: click.Context, param: click.Parameter, values: tuple) -> tuple:
-        out = []
-        for value in values:
-            if not str(value).replace(",", "").strip():
-                raise click.BadParameter(f"{value!r} holds no value")
-            for part in str(value).split(","):
-                if part.strip():
-                    try:
-                        out.append(parse_count(part) if kind is int else kind(part.strip()))
-                    except ValueError:  # the range (e.g. positive) is the config's to check, with the flag's name
-                        what = "a whole number" if kind is int else "a number"
-                        raise click.BadParameter(f"{part!r} is not {what}") from None
-        return tuple(out)
+        return tuple(one(part) for value in values for part in _parts(str(value), ","))
 
     return parse
 
 
-def many(name: str, flag: str, kind: type) -> Callable:
-    shown = ",".join(map(str, default(TrainConfig, name)))
+def _sets_of_fractions(ctx: click.Context, param: click.Parameter, values: tuple) -> tuple:
+    """--group-fractions 1/16,1/16,1/8,1/4,1/2: one set; several by repeating the flag or separating with ';'."""
+    numbers = _list_of(float)
+    return tuple(numbers(ctx, param, (one,)) for value in values for one in _parts(str(value), ";"))
+
+
+class _One(click.ParamType):
+    """A setting that takes one value for the whole run: a comma list (the sweep syntax) is refused, naming the
+    settings a run can sweep."""
+
+    def __init__(self, base: click.ParamType):
+        self.base, self.name = base, base.name
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str | None:
+        return self.base.get_metavar(*args, **kwargs)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and "," in value:
+            sweepable = ", ".join(flag(s.values) for s in SWEEPS)
+            self.fail(f"{value!r}: takes one value for the whole run (the README's `sae train` section says why); "
+                      f"a run can sweep {sweepable}", param, ctx)
+        return self.base.convert(value, param, ctx)
+
+
+def many(name: str, kind: type) -> Callable:
+    """A TrainConfig list field: a repeatable flag taking comma lists (group_fractions: sets of fractions)."""
+    shown = default(TrainConfig, name)
+    shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else str(shown)
     shown = f" [default: {shown}]" if shown else ""  # none: the field's help says what the default is
-    return option(TrainConfig, name, flag, multiple=True, callback=_list_of(kind), default=(), show_default=False,
-                  help=f"{doc(TrainConfig, name)} Repeat or comma-separate.{shown}")
+    groups = name == "group_fractions"
+    how = "Several sets: repeat the flag or separate them with ';'" if groups else "Repeat or comma-separate"
+    if name in {s.values for s in SWEEPS}:
+        how += " to sweep it (over the architectures that use it)"
+    return option(TrainConfig, name, flag(name), multiple=True, default=(), show_default=False,
+                  callback=_sets_of_fractions if groups else _list_of(kind),
+                  metavar="F,F,...[;...]" if groups else {int: "N,...", float: "X,..."}.get(kind, "NAME,..."),
+                  help=f"{doc(TrainConfig, name)} {how}.{shown}")
+
+
+def setting(name: str, kind: click.ParamType, **kwargs: Any) -> Callable:
+    """An SAE setting of `sae train`: several values if sae_config.SWEEPS declares it sweepable, else one."""
+    if name in {s.values for s in SWEEPS}:
+        return many(name, {click.INT: int, click.FLOAT: float}[kind])
+    return option(TrainConfig, name, type=_One(kind), **kwargs)
 
 
 @main.command()
 @option(TrainConfig, "cache", type=str)
 @option(TrainConfig, "hook", type=str)
-@many("archs", "--arch", str)
-@many("ks", "--k", int)
-@many("dict_sizes", "--dict-size", int)
-@many("expansions", "--expansion", int)
-@many("l1_coeffs", "--l1-coeff", float)
-@many("l0_coeffs", "--l0-coeff", float)
-@many("lrs", "--lr", float)
-@many("group_fractions", "--group-fractions", float)
+@many("archs", str)
+@setting("ks", click.INT)
+@many("dict_sizes", int)
+@many("expansions", int)
+@setting("l1_coeffs", click.FLOAT)
+@setting("l0_coeffs", click.FLOAT)
+@many("lrs", float)
+@setting("group_fractions", click.FLOAT)
 @option(TrainConfig, "batch_size", type=int)
 @option(TrainConfig, "tokens", type=str, callback=_count)
 @option(TrainConfig, "seed", type=int)
-@option(TrainConfig, "input_norm", type=click.Choice(INPUT_NORMS))
-@option(TrainConfig, "dead_tokens", type=str, callback=_count)
-@option(TrainConfig, "aux_k", type=int)
-@option(TrainConfig, "aux_coeff", type=float)
+@setting("input_norm", click.Choice(INPUT_NORMS))
+@setting("dead_tokens", click.STRING, callback=_count)
+@setting("aux_k", click.INT)
+@setting("aux_coeff", click.FLOAT)
 @option(TrainConfig, "aux_normalised", "--aux-normalised/--no-aux-normalised")
-@option(TrainConfig, "bandwidth", type=float)
-@option(TrainConfig, "jumprelu_init_threshold", type=float)
-@option(TrainConfig, "stats_window", type=int)
-@option(TrainConfig, "zipf_exponent", type=float, show_default="fitted")
-@option(TrainConfig, "zipf_underuse_scale", type=float)
+@setting("bandwidth", click.FLOAT)
+@setting("jumprelu_init_threshold", click.FLOAT)
+@setting("stats_window", click.INT)
+@setting("zipf_exponent", click.FLOAT, show_default="fitted")
+@setting("zipf_underuse_scale", click.FLOAT)
 @option(TrainConfig, "apply_b_dec_to_input", "--apply-b-dec-to-input/--no-apply-b-dec-to-input")
 @option(TrainConfig, "holdout_fraction", type=float)
 @option(TrainConfig, "checkpoint_every", type=str, callback=_count)
@@ -203,11 +256,10 @@ def train(out: Path | None, **options: Any) -> None:
     """
     from sae_cache.train.run import train as run_train
 
-    for key in ("archs", "ks", "dict_sizes", "expansions", "l1_coeffs", "l0_coeffs", "lrs", "group_fractions"):
-        if not options[key]:
+    for key, value in options.items():
+        if value == ():  # a list flag not given: the config's default
             options[key] = default(TrainConfig, key)
     echo_result(run_train(TrainConfig(**options), out))
-
 
 
 @main.command("eval")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MAX_SEED, MODEL_DTYPES, PARALLEL_MODES,
                                          STORED_DTYPES, TRAIN_DTYPES, bad, check_bool, check_choice, check_device,
                                          check_float, check_int, check_list, check_text)
 from sae_cache.sae_common.errors import ConfigError
-from sae_cache.sae_common.sae_config import SAEConfig
+from sae_cache.sae_common.sae_config import SWEEPS, SAEConfig
 
 DEFAULT_LAYER = 12  # with a hook kind and no --layer
 DEFAULT_EXPANSION = 8  # without --dict-size
@@ -214,19 +214,20 @@ class TrainConfig:
     """Training tokens (default: one pass over the cache's training rows); more than the cache takes epochs."""
     seed: int = 0
     """Seed of the SAEs' initialisation and of the loader's shuffle."""
-    # The SAE settings every SAE of the run gets (train/sweep.py passes them on by name): their defaults and
-    # help are SAEConfig's, so each has one default, stated there.
+    # The other SAE settings (train/sweep.py passes them on by name): their defaults and help are SAEConfig's,
+    # so each has one default, stated there. Those of sae_config.SWEEPS take one value or a list of them
+    # (stored as a tuple; group_fractions: one tuple of fractions or a list of such tuples).
     input_norm: str = sae_default("input_norm")
     dead_tokens: int = sae_default("dead_tokens")
-    group_fractions: tuple[float, ...] = sae_default("group_fractions")
-    aux_k: int = sae_default("aux_k")
-    aux_coeff: float = sae_default("aux_coeff")
+    group_fractions: tuple[float, ...] | tuple[tuple[float, ...], ...] = sae_default("group_fractions")
+    aux_k: int | tuple[int, ...] = sae_default("aux_k")
+    aux_coeff: float | tuple[float, ...] = sae_default("aux_coeff")
     aux_normalised: bool = sae_default("aux_normalised")
-    bandwidth: float = sae_default("bandwidth")
-    jumprelu_init_threshold: float = sae_default("jumprelu_init_threshold")
+    bandwidth: float | tuple[float, ...] = sae_default("bandwidth")
+    jumprelu_init_threshold: float | tuple[float, ...] = sae_default("jumprelu_init_threshold")
     stats_window: int = sae_default("stats_window")
     zipf_exponent: float | None = sae_default("zipf_exponent")
-    zipf_underuse_scale: float = sae_default("zipf_underuse_scale")
+    zipf_underuse_scale: float | tuple[float, ...] = sae_default("zipf_underuse_scale")
     apply_b_dec_to_input: bool = sae_default("apply_b_dec_to_input")
     holdout_fraction: float = 0.02
     """Fraction of the cache (a tail of whole chunks) never trained on; evaluation reads it."""
@@ -275,15 +276,15 @@ class TrainConfig:
         check_choice("input_norm", self.input_norm, INPUT_NORMS, "input norm")
         check_int("dead_tokens", self.dead_tokens)
         self._check_group_fractions()
-        check_int("aux_k", self.aux_k)
-        check_float("aux_coeff", self.aux_coeff, 0)
+        _check_sweep(self, "aux_k", check_int)
+        _check_sweep(self, "aux_coeff", lambda n, v: check_float(n, v, 0))
         check_bool("aux_normalised", self.aux_normalised)
-        check_float("bandwidth", self.bandwidth, 0, above=True)
-        check_float("jumprelu_init_threshold", self.jumprelu_init_threshold, 0, above=True)
+        _check_sweep(self, "bandwidth", lambda n, v: check_float(n, v, 0, above=True))
+        _check_sweep(self, "jumprelu_init_threshold", lambda n, v: check_float(n, v, 0, above=True))
         check_int("stats_window", self.stats_window)
         if self.zipf_exponent is not None:  # None: aux_zipf_loss fits the exponent
             check_float("zipf_exponent", self.zipf_exponent, 0, above=True)
-        check_float("zipf_underuse_scale", self.zipf_underuse_scale, 0, high=1)
+        _check_sweep(self, "zipf_underuse_scale", lambda n, v: check_float(n, v, 0, high=1))
         check_bool("apply_b_dec_to_input", self.apply_b_dec_to_input)
         check_float("holdout_fraction", self.holdout_fraction, 0, high=0.5)  # holdout_start never holds out more
         check_int("checkpoint_every", self.checkpoint_every)
@@ -294,16 +295,21 @@ class TrainConfig:
         check_choice("parallel", self.parallel, PARALLEL_MODES, "parallel mode")
 
     def _check_group_fractions(self) -> None:
-        # not check_list: equal groups repeat a fraction on purpose (the paper's 1/16, 1/16, ...)
-        if isinstance(self.group_fractions, (str, bytes)) or not isinstance(self.group_fractions, (tuple, list)):
-            raise bad("group_fractions", self.group_fractions, "must be a list of values")
-        fractions = tuple(self.group_fractions)
-        object.__setattr__(self, "group_fractions", fractions)
-        for value in fractions:
-            check_float("group_fractions", value, 0, above=True, high=1)
-        if not fractions or abs(sum(fractions) - 1) > 1e-6:
-            raise bad("group_fractions", ",".join(f"{v:g}" for v in fractions),
-                      f"must sum to 1 (they sum to {sum(fractions):g}), e.g. 0.0625,0.0625,0.125,0.25,0.5")
+        sets = self.group_fractions
+        if isinstance(sets, (tuple, list)) and all(isinstance(v, (int, float)) for v in sets):
+            sets = (sets,)  # one set of fractions, as before they were sweepable
+        if not isinstance(sets, (tuple, list)) or not all(isinstance(v, (tuple, list)) for v in sets):
+            raise bad("group_fractions", sets, "must be a list of fractions, or a list of such lists to sweep")
+        object.__setattr__(self, "group_fractions", tuple(tuple(v) for v in sets))
+        for i, fractions in enumerate(self.group_fractions):
+            for value in fractions:  # not check_list: equal groups repeat a fraction on purpose (1/16, 1/16, ...)
+                check_float("group_fractions", value, 0, above=True, high=1)
+            shown = ",".join(f"{v:g}" for v in fractions)
+            if not fractions or abs(sum(fractions) - 1) > 1e-6:
+                raise bad("group_fractions", shown, f"must sum to 1 (they sum to {sum(fractions):g}), e.g. "
+                          "1/16,1/16,1/8,1/4,1/2")
+            if fractions in self.group_fractions[:i]:
+                raise bad("group_fractions", shown, "given twice")
 
     def identity(self) -> dict[str, Any]:
         """What a resume must match. The later SAE settings are in it only when not at their default, so a run
@@ -312,7 +318,24 @@ class TrainConfig:
                 and not (k in LATER_SAE_FIELDS and v == sae_default(k))}
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-ready. A sweepable SAE setting given one value is stored as that value (not a list of one), as
+        before it was sweepable: the identity, and so the default run directory, stay what they were."""
+        d = asdict(self)
+        for s in SWEEPS:
+            if s.values == s.field and len(d[s.field]) == 1:
+                d[s.field] = d[s.field][0]
+        return {k: _listed(v) for k, v in d.items()}
+
+
+def _listed(value: Any) -> Any:
+    return [_listed(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _check_sweep(cfg: TrainConfig, name: str, check_one: Callable[[str, Any], None]) -> None:
+    """A sweepable setting: one value, or a list of them to sweep; stored as a tuple either way."""
+    if not isinstance(getattr(cfg, name), (tuple, list)):
+        object.__setattr__(cfg, name, (getattr(cfg, name),))
+    check_list(cfg, name, check_one)
 
 
 @dataclass(frozen=True)

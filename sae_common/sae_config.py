@@ -1,4 +1,5 @@
-"""`SAEConfig`, what defines an SAE: the one place where every SAE setting has its default and its meaning.
+"""`SAEConfig`, what defines an SAE: the one place where every SAE setting has its default and its meaning,
+and `SWEEPS`, the settings one training run may sweep (each architecture's registry entry says which it uses).
 
 Kept free of torch so that the CLI (whose `sae train` flags take their defaults and help from these fields)
 and TrainConfig can read it at import time; sae.py builds the SAE from it.
@@ -13,6 +14,38 @@ from sae_cache.sae_common.errors import ConfigError
 
 # matryoshka_batchtopk's nested groups, as fractions of the dictionary (Matryoshka paper's main runs)
 MATRYOSHKA_GROUP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """An SAE setting a training run may sweep: `sae train` takes several values for it, TrainConfig's field
+    `values` lists them, and the sweep trains one SAE per value for each architecture whose entry (Arch.sweeps)
+    uses it, tagging its run name `{tag}{value:g}` (e.g. k32, auxk256). An architecture that does not use it
+    is trained once, and gets the first value, which it ignores."""
+
+    field: str
+    """The SAEConfig field."""
+    tag: str
+    values: str = ""
+    """TrainConfig's field holding the values; default `field` itself (one value is then stored as it is, as
+    before the setting was sweepable, so the run's identity hash is unchanged)."""
+    always_named: bool = False
+    """Tag every SAE that uses it (k, l1, l0: the run names these always had); otherwise only while the run
+    sweeps more than one value, so a run that gives one value keeps its names."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "values", self.values or self.field)
+
+
+K = Sweep("k", "k", "ks", always_named=True)
+L1 = Sweep("l1_coeff", "l1_", "l1_coeffs", always_named=True)
+L0 = Sweep("l0_coeff", "l0_", "l0_coeffs", always_named=True)
+AUX_K, AUX_COEFF = Sweep("aux_k", "auxk"), Sweep("aux_coeff", "auxc")
+BANDWIDTH, JUMPRELU_INIT_THRESHOLD = Sweep("bandwidth", "bw"), Sweep("jumprelu_init_threshold", "theta")
+ZIPF_UNDERUSE_SCALE = Sweep("zipf_underuse_scale", "zipfs")
+GROUP_FRACTIONS = Sweep("group_fractions", "g")  # a value is one tuple of fractions, tagged g0.0625_0.0625_...
+SWEEPS = (K, L1, L0, AUX_K, AUX_COEFF, BANDWIDTH, JUMPRELU_INIT_THRESHOLD, ZIPF_UNDERUSE_SCALE, GROUP_FRACTIONS)
+"""Every sweepable setting. The others take one value per run (README, `sae train`, says why for each)."""
 
 
 @dataclass(frozen=True)

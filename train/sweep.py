@@ -1,9 +1,11 @@
 """A sweep: the SAEs one training run trains together, from the list fields of a TrainConfig.
 
-Each architecture varies only over the hyper-parameters its registry entry sweeps (`Arch.sweeps`: k for the
-k-architectures, the L1 coefficient for relu, the L0 coefficient for jumprelu), so `--arch relu,topk --k 16,32`
-is 1 + 2 SAEs, not 4. Run names are `<arch>-<tag of each swept value>-<d_sae>[-lr<lr>]`. Every other TrainConfig
-field that is also an SAEConfig field (input_norm, dead_tokens, group_fractions, ...) is passed to every SAE.
+Each architecture varies only over the sweepable settings its registry entry uses (`Arch.sweeps`, from
+sae_config.SWEEPS: k for the k-architectures, the L1 coefficient for relu, aux_k for those with an auxiliary
+loss, ...), so `--arch relu,topk --k 16,32` is 1 + 2 SAEs, not 4, and `--aux-k 256,512` doubles topk but not
+relu. Run names are `<arch>-<tag of each named value>-<d_sae>[-lr<lr>]`: k, l1 and l0 always, any other
+setting only when the run sweeps several values of it. Every other TrainConfig field that is also an SAEConfig
+field (input_norm, dead_tokens, ...) is passed to every SAE.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sae_cache.sae_common.architectures import ARCHS
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae import SAEConfig
+from sae_cache.sae_common.sae_config import SWEEPS
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,13 @@ class SweepEntry:
     lr: float
 
 
-def _fmt(x: float) -> str:
-    return f"{x:g}"
+def _fmt(value: float | tuple[float, ...]) -> str:
+    return "_".join(map(_fmt, value)) if isinstance(value, tuple) else f"{value:g}"
 
 
 def shared_settings(cfg: TrainConfig) -> dict:
-    """The TrainConfig fields that every SAE of the run gets as they are: those named as SAEConfig fields."""
-    sae_fields = {f.name for f in fields(SAEConfig)}
+    """The TrainConfig fields that every SAE of the run gets as they are: the SAEConfig fields not swept."""
+    sae_fields = {f.name for f in fields(SAEConfig)} - {s.values for s in SWEEPS}
     return {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.name in sae_fields}
 
 
@@ -43,15 +46,18 @@ def expand(cfg: TrainConfig, d_in: int) -> list[SweepEntry]:
     shared = shared_settings(cfg)
     entries = []
     for arch, d_sae, lr in itertools.product(cfg.archs, sizes, cfg.lrs):
-        grids = [[(s.field, value, f"{s.tag}{_fmt(value)}") for value in getattr(cfg, s.values)]
-                 for s in ARCHS[arch].sweeps]
+        uses = ARCHS[arch].sweeps
+        unused = {s.field: getattr(cfg, s.values)[0] for s in SWEEPS if s not in uses}  # ignored: one SAE, not one each
+        grids = [[(s, value) for value in getattr(cfg, s.values)] for s in uses]
         for variant in itertools.product(*grids):
-            swept = {name: value for name, value, _ in variant}
+            swept = {s.field: value for s, value in variant}
             if ARCHS[arch].uses_k and swept["k"] >= d_sae:
                 raise ConfigError(f"--k {swept['k']}: must be smaller than the dictionary size {d_sae}")
-            name = "-".join([arch, *(tag for _, _, tag in variant), str(d_sae)])
+            tags = [f"{s.tag}{_fmt(value)}" for s, value in variant
+                    if s.always_named or len(getattr(cfg, s.values)) > 1]
+            name = "-".join([arch, *tags, str(d_sae)])
             name += f"-lr{_fmt(lr)}" if len(cfg.lrs) > 1 else ""
-            sae = SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, **shared, **swept)
+            sae = SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, **shared, **unused, **swept)
             entries.append(SweepEntry(name, sae, lr))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
