@@ -53,8 +53,9 @@ def main() -> None:
         l0_held, l0_train = (context_l0(cache, t.sae, t.hook, c, keep_T) for c in (held, train))
         se_held, se_train = (x.std(ddof=1) / np.sqrt(len(x)) for x in (l0_held, l0_train))
         diff, se = l0_held.mean() - l0_train.mean(), float(np.hypot(se_held, se_train))
+        in_se = f"{diff / se:+.1f} s.e." if se > 0 else "exact: L0 is fixed"  # topk: k on every token
         print(f"| {t.name} | {len(held)} | {l0_held.mean():.2f} ± {se_held:.2f} | {l0_train.mean():.2f} ± "
-              f"{se_train:.2f} | {diff:+.2f} ± {se:.2f} ({diff / se:+.1f} s.e.) |")
+              f"{se_train:.2f} | {diff:+.2f} ± {se:.2f} ({in_se}) |")
 
 
 if __name__ == "__main__":
