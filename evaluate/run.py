@@ -1,5 +1,6 @@
 """`sae eval`: splice every SAE into the model on the cache's held-out tokens (or --dataset's text) and measure
-what DESIGN.md ("Metrics") lists; write eval.json per SAE, eval_summary.json and plots for the run, and print a table.
+what DESIGN.md ("Metrics") lists; write eval.json per SAE, eval_summary.json and plots for the run, and print a
+table.
 
 Per batch of contexts the model runs once clean (all layers), twice per hook for the zero and mean
 ablations, and once per SAE; the ablated and spliced passes resume at the hook's block from the clean
@@ -91,13 +92,15 @@ def read_text(cfg: EvalConfig, cache: Cache, targets: list[Target], hooks: list[
               console: Console) -> tuple[LoadedModel, Tensor, list[tuple[int, int]] | None, dict | None]:
     """The model, and the [contexts, T] tokens to evaluate on: the cache's held-out rows (returned as row ranges),
     or --dataset's text (returned as its record, rows None). Everything is checked before the model loads."""
-    rows = heldout_rows(cache, targets, None if cfg.dataset else cfg.tokens)
     if cfg.dataset is None:
+        rows = heldout_rows(cache, targets, cfg.tokens)
         check_heldout(cache, set(hooks), rows)
         return load_eval_model(cache, cfg, device), heldout_tokens(cache, rows), rows, None
+    # --tokens' default: as many as the SAEs hold out (asked only when needed)
+    default_tokens = cfg.tokens or sum(b - a for a, b in heldout_rows(cache, targets, None))
     docs = open_text(cfg)
     loaded = load_eval_model(cache, cfg, device)
-    tokens_NT = dataset_tokens(cache, cfg, docs, loaded.tokenizer, sum(b - a for a, b in rows), console)
+    tokens_NT = dataset_tokens(cache, cfg, docs, loaded.tokenizer, default_tokens, console)
     return loaded, tokens_NT, None, {"source": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column}
 
 
