@@ -27,14 +27,16 @@ def _json_number(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def sae_report(target: Target, result: dict, *, cfg: EvalConfig, cache: Cache, rows: tuple[int, int],
-               model: str) -> dict[str, Any]:
-    """The content of one SAE's eval.json: what was evaluated, how, and `result` (evaluate.metrics)."""
+def sae_report(target: Target, result: dict, *, cfg: EvalConfig, cache: Cache, rows: list[tuple[int, int]] | None,
+               dataset: dict | None, model: str) -> dict[str, Any]:
+    """The content of one SAE's eval.json: what was evaluated (the cache's held-out `rows` as [start, stop) ranges,
+    or the --dataset text, rows null), how, and `result` (evaluate.metrics)."""
     sae_cfg = target.sae.cfg
     result = {**result, "metrics": {k: _json_number(v) for k, v in result["metrics"].items()}}
     return {"sae": target.name, "path": str(target.path), "arch": sae_cfg.arch, "d_sae": sae_cfg.d_sae,
             "k": sae_cfg.k if target.sae.arch.uses_k else None, "hook": target.hook, "model": model,
-            "cache": str(cache.path), "rows": list(rows), "include_bos": cfg.include_bos,
+            "cache": str(cache.path), "rows": None if rows is None else [list(r) for r in rows],
+            "dataset": dataset, "include_bos": cfg.include_bos,
             "batch_mode": cfg.batch_mode and target.sae.arch.batch_level, "config": cfg.to_dict(), **result}
 
 
@@ -55,7 +57,7 @@ def write_reports(reports: list[dict], out: Path, plots: list[str], beside_saes:
         _write_json(eval_file(r, None if beside_saes else out), r)
     first = reports[0]
     summary = {"config": first["config"], "model": first["model"], "cache": first["cache"], "rows": first["rows"],
-               "include_bos": first["include_bos"], "plots": plots,
+               "dataset": first["dataset"], "include_bos": first["include_bos"], "plots": plots,
                "saes": [{key: r[key] for key in ("sae", "path", "arch", "d_sae", "k", "hook", "batch_mode")}
                         | r["metrics"] for r in sorted(reports, key=lambda r: r["metrics"]["l0"])]}
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(reports: list[dict], console: Console) -> None:
     """One row per SAE, sorted by L0; the CEs all SAEs of a hook share go in the caption."""
-    table = Table(title="sae eval (held-out tokens; CE in nats per token)", title_justify="left")
+    text = f"tokens of {reports[0]['dataset']['source']}" if reports[0]["dataset"] else "held-out tokens"
+    table = Table(title=f"sae eval ({text}; CE in nats per token)", title_justify="left")
     for name in ("SAE", "arch", "L0", "FVU", "cos", "dead", "dense", "CE spliced", "ΔCE", "CE score", "KL"):
         table.add_column(name, justify="left" if name in ("SAE", "arch") else "right")
     for r in sorted(reports, key=lambda r: r["metrics"]["l0"]):

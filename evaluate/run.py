@@ -1,5 +1,6 @@
-"""`sae eval`: splice every SAE into the model on the cache's held-out tokens and measure what DESIGN.md
-("Metrics") lists; write eval.json per SAE, eval_summary.json and plots for the run, and print a table.
+"""`sae eval`: splice every SAE into the model on the cache's held-out tokens (or --dataset's text) and measure
+what DESIGN.md ("Metrics") lists; write eval.json per SAE, eval_summary.json and plots for the run, and print a
+table.
 
 Per batch of contexts the model runs once clean (all layers), twice per hook for the zero and mean
 ablations, and once per SAE; the ablated and spliced passes resume at the hook's block from the clean
@@ -8,6 +9,7 @@ residual, so they run only the blocks from there to the logits (evaluate/splice.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
+from sae_cache.evaluate.fresh_text import dataset_tokens, model_activation_mean, open_text
 from sae_cache.evaluate.metrics import ActivationStats, Mean, SAEStats, kl_per_token, log_probs, next_token_ce, sae_metrics
 from sae_cache.evaluate.plots import save_plots
 from sae_cache.evaluate.report import print_table, sae_report, write_reports
@@ -27,7 +30,8 @@ from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import EvalConfig
 from sae_cache.sae_common.console import make_console
-from sae_cache.sae_common.model import hook_layer, resolve_device, resolve_source
+from sae_cache.sae_common.model import LoadedModel, hook_layer, resolve_device, resolve_source
+from sae_cache.sae_common.wandb_log import import_wandb, log_eval
 
 
 @dataclass
@@ -46,44 +50,67 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
     """Evaluate the SAEs `cfg` names; returns one report (the content of its eval.json) per SAE."""
     console = console or make_console()
     device = resolve_device(cfg.device)  # the config checked each value; what needs the machine or files is here
+    if cfg.wandb is not None:
+        import_wandb()  # its absence is named before any work
     if cfg.model is not None:
         resolve_source(cfg.model)  # a model that is not there is refused before the SAEs and the cache are read
     targets = load_targets(find_sae_dirs(cfg.saes, root, console))
     out = output_dir(targets, cfg.out)
     check_output_dir(out)  # before the work, not after it
     cache = open_target_cache(targets, cfg.cache)
-    rows = heldout_rows(cache, targets, cfg.tokens)
-    check_heldout(cache, {t.hook for t in targets}, rows)
-    tokens_NT = heldout_tokens(cache, *rows)
-    loaded = load_eval_model(cache, cfg, device)
-    check_fit(loaded, targets, tokens_NT[:1].to(device))
+    hooks = sorted({t.hook for t in targets})
     keep_T = keep_positions(cache, cfg.include_bos)
-    groups = build_groups(targets, cache, rows, keep_T, device, loaded.bridge.cfg.dtype)
-    console.print(f"evaluating {len(targets)} SAE(s) on {len(tokens_NT) * keep_T.sum().item():,} held-out tokens "
-                  f"(rows [{rows[0]:,}, {rows[1]:,}) of {cache.path}) spliced into {loaded.source}")
+    loaded, tokens_NT, rows, dataset = read_text(cfg, cache, targets, hooks, device, console)
+    text = (f"tokens of {cfg.dataset} (split {cfg.split}, column {cfg.text_column})" if dataset
+            else f"held-out tokens ({len(rows)} row range(s) of {cache.path})")
+    check_fit(loaded, targets, tokens_NT[:1].to(device))
+    means = (model_activation_mean(loaded, tokens_NT, hooks, keep_T, cfg.batch_size) if dataset
+             else {h: activation_mean(cache, h, rows, keep_T) for h in hooks})
+    groups = build_groups(targets, means, device, loaded.bridge.cfg.dtype)
+    console.print(f"evaluating {len(targets)} SAE(s) on {len(tokens_NT) * keep_T.sum().item():,} {text} spliced "
+                  f"into {loaded.source}")
     ce_clean = Mean()
     with _progress(console) as progress, torch.inference_mode():
-        task = progress.add_task("eval", total=rows[1] - rows[0])
+        task = progress.add_task("eval", total=tokens_NT.numel())
         for tokens_BT in tokens_NT.split(cfg.batch_size):
             evaluate_batch(loaded.bridge, tokens_BT.to(device), keep_T.to(device), groups, ce_clean, cfg.batch_mode)
             progress.advance(task, tokens_BT.numel())
     reports = [sae_report(t, sae_metrics(stats, g.acts, ce_clean, g.ce_zero, g.ce_mean), cfg=cfg, cache=cache,
-                          rows=rows, model=loaded.source)
+                          rows=rows, dataset=dataset, model=loaded.source)
                for g in groups for t, stats in g.members]
     plots = save_plots(reports, out / "plots")
     summary = write_reports(reports, out, plots=[str(p) for p in plots.values()], beside_saes=cfg.out is None)
     print_table(reports, console)
+    if cfg.wandb is not None:
+        log_eval(cfg.wandb, out, json.loads(summary.read_text()), [str(p) for p in plots.values()])
     where = "each SAE directory" if cfg.out is None else f"{out}/<SAE>/"
     console.print(f"[green]done[/]: eval.json in {where}, {summary} and {len(plots)} plot(s) in {out / 'plots'}")
     return reports
 
 
-def build_groups(targets: list[Target], cache: Cache, rows: tuple[int, int], keep_T: Tensor, device: str,
+def read_text(cfg: EvalConfig, cache: Cache, targets: list[Target], hooks: list[str], device: str,
+              console: Console) -> tuple[LoadedModel, Tensor, list[tuple[int, int]] | None, dict | None]:
+    """The model, and the [contexts, T] tokens to evaluate on: the cache's held-out rows (returned as row ranges),
+    or --dataset's text (returned as its record, rows None). Everything is checked before the model loads."""
+    if cfg.dataset is None:
+        rows = heldout_rows(cache, targets, cfg.tokens)
+        check_heldout(cache, set(hooks), rows)
+        return load_eval_model(cache, cfg, device), heldout_tokens(cache, rows), rows, None
+    # --tokens' default: as many as the SAEs hold out (asked only when needed)
+    default_tokens = cfg.tokens or sum(b - a for a, b in heldout_rows(cache, targets, None))
+    docs = open_text(cfg)
+    loaded = load_eval_model(cache, cfg, device)
+    tokens_NT = dataset_tokens(cache, cfg, docs, loaded.tokenizer, default_tokens, console)
+    return loaded, tokens_NT, None, {"source": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column}
+
+
+def build_groups(targets: list[Target], means: dict[str, Tensor], device: str,
                  model_dtype: torch.dtype) -> list[HookGroup]:
+    """One group per hook; `means`: each hook's [D] float64 mean activation over the evaluated tokens."""
     groups: dict[str, HookGroup] = {}
     for t in targets:
         if t.hook not in groups:
-            mean_D = activation_mean(cache, t.hook, *rows, keep_T)
+            mean_D = means[t.hook]
             groups[t.hook] = HookGroup(t.hook, mean_D.to(device, model_dtype), [], ActivationStats(mean_D))
         t.sae.to(device)
         groups[t.hook].members.append((t, SAEStats(t.sae.cfg.d_sae)))

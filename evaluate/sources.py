@@ -12,12 +12,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
-from sae_cache.sae_common.cache_format import TOKENS, Cache, acts_path, check_rows, damaged, holdout_start, open_cache
+from sae_cache.sae_common.cache_format import TOKENS, Cache, acts_path, check_rows, damaged, open_cache
 from sae_cache.sae_common.config import EvalConfig
 from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.holdout import heldout_mask, row_ranges
 from sae_cache.sae_common.model import LoadedModel, count_layers, load_model, resolve_model_dtype, resolve_source, run_hooks
 from sae_cache.sae_common.sae import SAE
 from sae_cache.sae_common.sae_io import NATIVE_FILE, RECORD_FILE, RUN_FILE, find_runs, load_record, load_sae
@@ -110,42 +112,45 @@ def open_target_cache(targets: list[Target], override: str | None) -> Cache:
     return open_cache(override)
 
 
-def heldout_rows(cache: Cache, targets: list[Target], tokens: int | None) -> tuple[int, int]:
-    """Rows [start, stop) to evaluate: from the latest first held-out row any SAE records (so no SAE sees
-    its training rows), whole contexts, `tokens` of them when given."""
-    recorded = [t.record.get("extra", {}).get("holdout_start") for t in targets]
-    start = max((r for r in recorded if r is not None), default=None)
-    if start is None:  # SAEs not trained by `sae train`: the tail training would have held out
-        start = holdout_start(cache)
+def heldout_rows(cache: Cache, targets: list[Target], tokens: int | None) -> list[tuple[int, int]]:
+    """Row ranges to evaluate: contexts every SAE held out (so no SAE sees its training rows; the rule each
+    recorded, sae_common/holdout.py), `tokens` of them when given, picked evenly across the held-out ones."""
+    mask = np.logical_and.reduce([heldout_mask(cache, t.record.get("extra", {})) for t in targets])
     ctx = cache.meta["context_size"]
-    assert start % ctx == 0, "the held-out tail is whole contexts"
-    available = cache.n_tokens - start
-    if available <= 0:
-        raise EvalError(f"the cache {cache.path} has {cache.n_tokens:,} tokens and holds none out after row "
-                        f"{start:,}, where the SAEs' training rows end")
-    if tokens is None:
-        return start, cache.n_tokens
-    if tokens > available:
-        raise EvalError(f"--tokens {tokens:,} is more than the {available:,} held-out tokens of {cache.path} (rows "
-                        f"[{start:,}, {cache.n_tokens:,})); ask for at most {available:,}")
-    if tokens < ctx:
-        raise EvalError(f"--tokens {tokens:,} is less than one context of {ctx} tokens")
-    return start, start + tokens // ctx * ctx
+    held = np.flatnonzero(mask)
+    if not len(held):
+        raise EvalError(f"the SAEs hold out different rows of the cache {cache.path} and no row is held out by all of "
+                        "them (they were trained with different --holdout-fraction); evaluate them one run at a time")
+    if tokens is not None:
+        available = len(held) * ctx
+        if tokens > available:
+            raise EvalError(f"--tokens {tokens:,} is more than the {available:,} held-out tokens of {cache.path}; "
+                            f"ask for at most {available:,}")
+        if tokens < ctx:
+            raise EvalError(f"--tokens {tokens:,} is less than one context of {ctx} tokens")
+        n = tokens // ctx
+        mask = np.zeros_like(mask)
+        mask[held[np.arange(n) * len(held) // n]] = True  # spread like the held-out set itself
+    return row_ranges(mask, ctx)
 
 
-def check_heldout(cache: Cache, hooks: set[str], rows: tuple[int, int]) -> None:
+def check_heldout(cache: Cache, hooks: set[str], rows: list[tuple[int, int]]) -> None:
     """Every shard eval reads (the hooks' rows and the tokens) present and intact, before anything is computed: zarr
     reads a missing shard as zeros, which gave plausible wrong numbers. With recorded checksums this hashes the
-    held-out shards (the held-out tail is a few % of the cache); without, it reads them back through zarr."""
+    shards that hold held-out rows (each once); without, it reads them back through zarr."""
+    per = cache.layout["rows_per_shard"]
+    shards = sorted({i for start, stop in rows for i in range(start // per, -(-stop // per))})
+    names = [acts_path(h) for h in sorted(hooks) if h in cache.hooks] + [TOKENS]
     # A hook the cache lacks is named later, by the model's check or by `Cache.acts`.
-    problems = check_rows(cache, [acts_path(h) for h in sorted(hooks) if h in cache.hooks] + [TOKENS], rows)
+    problems = [p for i in shards for p in check_rows(cache, names, (i * per, min((i + 1) * per, cache.n_tokens)))]
     if problems:
         raise damaged(cache.path, problems)
 
 
-def heldout_tokens(cache: Cache, start: int, stop: int) -> torch.Tensor:
-    """[contexts, context_size] token ids (row i = position i % context_size of context i // context_size)."""
-    return torch.from_numpy(cache.read_tokens(start, stop).astype("int64")).reshape(-1, cache.meta["context_size"])
+def heldout_tokens(cache: Cache, rows: list[tuple[int, int]]) -> torch.Tensor:
+    """[contexts, context_size] token ids of the row ranges, in order."""
+    tokens = np.concatenate([cache.read_tokens(start, stop) for start, stop in rows])
+    return torch.from_numpy(tokens.astype("int64")).reshape(-1, cache.meta["context_size"])
 
 
 def keep_positions(cache: Cache, include_bos: bool) -> torch.Tensor:
@@ -156,16 +161,17 @@ def keep_positions(cache: Cache, include_bos: bool) -> torch.Tensor:
     return keep_T
 
 
-def activation_mean(cache: Cache, hook: str, start: int, stop: int, keep_T: torch.Tensor) -> torch.Tensor:
-    """[D] float64 mean of the hook's cached activations over the kept positions of rows [start, stop): the
+def activation_mean(cache: Cache, hook: str, rows: list[tuple[int, int]], keep_T: torch.Tensor) -> torch.Tensor:
+    """[D] float64 mean of the hook's cached activations over the kept positions of the row ranges: the
     value mean ablation splices in."""
     total_D, count = torch.zeros(cache.d_model, dtype=torch.float64), 0
     step = MEAN_READ_ROWS // len(keep_T) * len(keep_T)
-    for r0 in range(start, stop, step):
-        x_ND = cache.read_rows(hook, r0, min(r0 + step, stop)).double()
-        x_ND = x_ND.reshape(-1, len(keep_T), cache.d_model)[:, keep_T].reshape(-1, cache.d_model)
-        total_D += x_ND.sum(0)
-        count += len(x_ND)
+    for start, stop in rows:
+        for r0 in range(start, stop, step):
+            x_ND = cache.read_rows(hook, r0, min(r0 + step, stop)).double()
+            x_ND = x_ND.reshape(-1, len(keep_T), cache.d_model)[:, keep_T].reshape(-1, cache.d_model)
+            total_D += x_ND.sum(0)
+            count += len(x_ND)
     return total_D / count
 
 

@@ -28,6 +28,7 @@ from sae_cache.sae_common.cache_writer import CacheWriter, refuse_foreign
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import HarvestConfig, hook_names
 from sae_cache.sae_common.console import make_console
+from sae_cache.sae_common.holdout import SPREAD
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.model import (LoadedModel, ModelError, load_model, resolve_device, resolve_model_dtype,
                                        resolve_source, run_hooks)
@@ -107,6 +108,7 @@ def cache_meta(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], n_targ
         "tokenizer": {"name_or_path": loaded.source, "class": type(tok).__name__, "vocab_size": len(tok),
                       "bos_token_id": tok.bos_token_id, "separator_token_id": separator_id(tok)},
         "versions": versions(), "config": cfg.to_dict(),
+        "holdout": SPREAD,  # train and eval hold out contexts spread over the cache (sae_common/holdout.py)
     }
 
 

@@ -99,3 +99,12 @@ def check_output_dir(path: str | Path, name: str = "out") -> None:
         raise bad(name, path, f"{existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise bad(name, path, f"{existing} is not writable; choose another {flag(name)}")
+
+
+WANDB_FORBIDDEN = '/\\#?%:'  # characters wandb refuses in a project name (it also caps the length at 128)
+
+
+def check_wandb_project(value: Any) -> None:
+    check_text("wandb", value, optional=True)
+    if value is not None and (len(value) > 128 or any(c in WANDB_FORBIDDEN for c in value)):
+        raise bad("wandb", value, f"a wandb project name has at most 128 characters and none of {WANDB_FORBIDDEN}")

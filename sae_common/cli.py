@@ -246,6 +246,7 @@ def setting(name: str, kind: click.ParamType, **kwargs: Any) -> Callable:
 @option(TrainConfig, "dtype", type=click.Choice(TRAIN_DTYPES))
 @option(TrainConfig, "shuffle_tokens", type=str, callback=_count)
 @option(TrainConfig, "parallel", type=click.Choice(PARALLEL_MODES))
+@option(TrainConfig, "wandb", type=str, metavar="PROJECT")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: cache/runs/<cache>-<hash of the sweep>, so a rerun resumes).")
 @user_errors
@@ -268,15 +269,18 @@ def train(out: Path | None, **options: Any) -> None:
 @option(EvalConfig, "model", type=str)
 @option(EvalConfig, "model_dtype", type=click.Choice(MODEL_DTYPES))
 @option(EvalConfig, "dataset", type=str)
+@option(EvalConfig, "split", type=str, show_default="train")
+@option(EvalConfig, "text_column", type=str, show_default="text")
 @option(EvalConfig, "tokens", type=str, callback=_count)
 @option(EvalConfig, "batch_size", type=int)
 @option(EvalConfig, "device")
 @option(EvalConfig, "include_bos", "--include-bos", is_flag=True)
 @option(EvalConfig, "batch_mode", "--batch-mode", is_flag=True)
 @option(EvalConfig, "out", type=str)
+@option(EvalConfig, "wandb", type=str, metavar="PROJECT")
 @user_errors
 def eval_command(**options: Any) -> None:
-    """Splice SAEs into the model on held-out tokens: NMSE, L0, dead latents, CE degradation and more.
+    """Splice SAEs into the model on held-out tokens (or --dataset): NMSE, L0, dead latents, CE degradation and more.
 
     SAE_DIR: SAE directories or training run directories (default: every SAE of the newest run under
     ./cache/runs). Writes eval.json beside each SAE, eval_summary.json and plots/ in the run directory; with

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MAX_SEED, MODEL_DTYPES, PARALLEL_MODES,
                                          STORED_DTYPES, TRAIN_DTYPES, bad, check_bool, check_choice, check_device,
-                                         check_float, check_int, check_list, check_text)
+                                         check_float, check_int, check_list, check_text, check_wandb_project)
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae_config import SWEEPS, SAEConfig
 
@@ -230,7 +230,8 @@ class TrainConfig:
     zipf_underuse_scale: float | tuple[float, ...] = sae_default("zipf_underuse_scale")
     apply_b_dec_to_input: bool = sae_default("apply_b_dec_to_input")
     holdout_fraction: float = 0.02
-    """Fraction of the cache (a tail of whole chunks) never trained on; evaluation reads it."""
+    """Fraction of the cache never trained on; evaluation reads it. Contexts spread over the whole cache (a tail of
+    whole chunks in caches harvested before the spread rule; see the README's cache format)."""
     checkpoint_every: int = 10_000_000
     """Tokens between checkpoints (also written at the end and on Ctrl-C)."""
     log_every: int = 10
@@ -248,8 +249,12 @@ class TrainConfig:
     dead-latent counters over the global batch; for SAEs too wide for one GPU), or auto: sweep when the sweep has
     at least as many SAEs as ranks, else data. One process ignores it."""
 
+    wandb: str | None = None
+    """Weights & Biases project: log each SAE's metrics as a run of its own, the sweep as their group (needs the
+    wandb extra: pip install 'sae-cache[wandb]')."""
+
     # May change when resuming: they change how the run is executed or reported, not what it computes.
-    EXECUTION_FIELDS = ("tokens", "checkpoint_every", "log_every", "device", "cache", "parallel")
+    EXECUTION_FIELDS = ("tokens", "checkpoint_every", "log_every", "device", "cache", "parallel", "wandb")
 
     def __post_init__(self) -> None:
         from sae_cache.sae_common.architectures import ARCHS  # here, not at import: it loads torch
@@ -293,6 +298,7 @@ class TrainConfig:
         check_choice("dtype", self.dtype, TRAIN_DTYPES, "training dtype")
         check_int("shuffle_tokens", self.shuffle_tokens)
         check_choice("parallel", self.parallel, PARALLEL_MODES, "parallel mode")
+        check_wandb_project(self.wandb)
 
     def _check_group_fractions(self) -> None:
         sets = self.group_fractions
@@ -353,9 +359,15 @@ class EvalConfig:
     model_dtype: str = "auto"
     """Dtype the model runs in: auto (the dtype the cache was harvested with), float32, bfloat16, float16."""
     dataset: str | None = None
-    """Fresh text beyond what was harvested: NOT SUPPORTED YET. Evaluation reads the cache's held-out rows."""
+    """Evaluate on text beyond the harvest instead of the held-out rows: a hub dataset id or local files, as `sae
+    harvest --dataset` takes them, packed as the cache's harvest packed its text."""
+    split: str | None = None
+    """--dataset's split (default: train)."""
+    text_column: str | None = None
+    """--dataset's text column (default: text)."""
     tokens: int | None = None
-    """Held-out tokens to evaluate on, BOS included, rounded down to whole contexts (default: all of them)."""
+    """Tokens to evaluate on, BOS included, rounded down to whole contexts (default: every held-out token; with
+    --dataset, as many as are held out, or all the dataset holds if less). Held-out ones are picked evenly."""
     batch_size: int = 16
     """Contexts per forward pass. In --batch-mode it is also the batch a BatchTopK selection sees."""
     device: str = "auto"
@@ -369,16 +381,22 @@ class EvalConfig:
     out: str | None = None
     """Where every output goes: eval_summary.json, plots/ and <SAE name>/eval.json (default: the SAEs' run
     directory, with eval.json beside each SAE)."""
+    wandb: str | None = None
+    """Weights & Biases project: log the table and the plots as a run (needs the wandb extra: pip install
+    'sae-cache[wandb]')."""
 
     def __post_init__(self) -> None:
         check_list(self, "saes", check_text, required=False)
         check_text("cache", self.cache, optional=True)
         check_text("model", self.model, optional=True)
         check_choice("model_dtype", self.model_dtype, MODEL_DTYPES, "model dtype")
-        if self.dataset is not None:
-            raise ConfigError(f"--dataset {self.dataset!r}: evaluating on fresh text is not supported yet; `sae eval` "
-                              "reads the held-out rows of the cache the SAEs were trained on (choose how many with "
-                              "--tokens)")
+        check_text("dataset", self.dataset, optional=True)
+        for name, value in (("split", "train"), ("text_column", "text")):
+            check_text(name, getattr(self, name), optional=True)
+            if self.dataset is None and getattr(self, name) is not None:
+                raise bad(name, getattr(self, name), "applies to the text of --dataset, and no --dataset is given")
+            if self.dataset is not None and getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.tokens is not None:
             check_int("tokens", self.tokens)
         check_int("batch_size", self.batch_size)
@@ -386,6 +404,7 @@ class EvalConfig:
         check_bool("include_bos", self.include_bos)
         check_bool("batch_mode", self.batch_mode)
         check_text("out", self.out, optional=True)
+        check_wandb_project(self.wandb)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -36,8 +36,8 @@ SAELENS_FORMAT_VERSION = "6.52.0"
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 RECORD_FILE, NATIVE_FILE = "sae_record.json", "sae_native.safetensors"
 RECORD_VERSION = 2  # 2: with the weight files' SHA-256; version 1 (without) is still read
-# A training run directory holds run.json (cache, hook, model, holdout_start, the names of its SAEs) and
-# one saved SAE directory per name (train/run.py writes it; eval reads it).
+# A training run directory holds run.json (cache, hook, model, its held-out rule (sae_common/holdout.py), the
+# names of its SAEs) and one saved SAE directory per name (train/run.py writes it; eval reads it).
 RUN_FILE = "run.json"
 # keys of `extra_record` that SAELens also understands as metadata (sae_lens LLM_METADATA_KEYS)
 SAELENS_METADATA_KEYS = ("context_size", "prepend_bos", "dataset_path", "hook_head_index", "seqpos_slice",

@@ -162,6 +162,9 @@ TABLE = [
     Bad(T, "--shuffle-tokens", ("--shuffle-tokens", "0"), "--shuffle-tokens 0: must be a positive integer"),
     Bad(T, "--parallel", ("--parallel", "model"), "'model' is not one of", code=2),
     Bad(T, "--out", ("--out", "{file}"), "--out {file}: {file} is a file, not a directory"),
+    Bad(T, "--wandb", ("--wandb", "me/sweeps"), "--wandb me/sweeps: a wandb project name has at most 128 characters "
+        "and none of"),
+    Bad(T, "--wandb", ("--wandb", ""), "--wandb '': must be a non-empty string"),
 
     Bad(E, "SAE_DIR", ("{cwd}/nope",), "nope does not exist; give SAE directories", names="nope"),
     Bad(E, "SAE_DIR", ("{empty}",), "is not an SAE directory: sae_record.json and sae_native.safetensors missing",
@@ -171,7 +174,12 @@ TABLE = [
     Bad(E, "--cache", ("--cache", "{cwd}/nope.zarr"), "is not an activation cache", names="nope.zarr"),
     Bad(E, "--model", ("--model", "./nope"), "./nope is not a checkpoint directory", names="./nope"),
     Bad(E, "--model-dtype", ("--model-dtype", "int8"), "'int8' is not one of", code=2),
-    Bad(E, "--dataset", ("--dataset", "more.txt"), "--dataset 'more.txt': evaluating on fresh text is not supported"),
+    Bad(E, "--dataset", ("--dataset", ""), "--dataset '': must be a non-empty string"),
+    Bad(E, "--dataset", ("--dataset", "{cwd}/nope.txt"), "nope.txt does not exist", names="nope.txt"),
+    Bad(E, "--split", ("--split", "test"), "--split test: applies to the text of --dataset, and no --dataset is given"),
+    Bad(E, "--split", ("--dataset", "{corpus}", "--split", " "), "--split ' ': must be a non-empty string"),
+    Bad(E, "--text-column", ("--dataset", "{corpus}", "--text-column", "body"), "has no column 'body'"),
+    Bad(E, "--text-column", ("--text-column", "body"), "--text-column body: applies to the text of --dataset"),
     Bad(E, "--tokens", ("--tokens", "0"), "--tokens 0: must be a positive integer"),
     Bad(E, "--tokens", ("--tokens", "1M"), "--tokens 1,000,000 is more than the 1,024 held-out tokens"),
     Bad(E, "--batch-size", ("--batch-size", "0"), "--batch-size 0: must be a positive integer"),
@@ -179,6 +187,7 @@ TABLE = [
     Bad(E, "--include-bos", ("--include-bos=1",), "Option '--include-bos' does not take a value", code=2),
     Bad(E, "--batch-mode", ("--batch-mode=1",), "Option '--batch-mode' does not take a value", code=2),
     Bad(E, "--out", ("--out", "{file}"), "--out {file}: {file} is a file, not a directory"),
+    Bad(E, "--wandb", ("--wandb", "x" * 129), "a wandb project name has at most 128 characters", names="--wandb"),
 
     Bad(I, "PATH", ("{cwd}/nope.zarr",), "is not an activation cache (no zarr.json there)", names="nope.zarr"),
     Bad(I, "PATH", ("{file}",), "is not an activation cache", names="{file}"),

@@ -3,7 +3,8 @@ anything, names the damage and exits 1; and it evaluates a cache written by anot
 exactly as it evaluates ours.
 
 One workspace per module: a float32 cache of 2048 tokens from conftest's tiny Gemma-2 (4 shards of 512 rows; the
-SAE's held-out rows [1536, 2048) are shard 3) and one SAE trained on it by `sae train`.
+SAE's held-out rows, spread at 2% over 64 contexts, are the last context [2016, 2048), in shard 3) and one SAE
+trained on it by `sae train`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def workspace(checkpoints, corpus, tmp_path_factory) -> tuple[Path, Path]:
                  "--arch", "topk", "--k", 4, "--device", "cpu")
     assert result.exit_code == 0, result.output
     (sae,) = [d for d in (root / "run").iterdir() if (d / "sae_record.json").is_file()]
-    assert json.loads((sae / "sae_record.json").read_text())["extra"]["holdout_start"] == 1536
+    assert json.loads((sae / "sae_record.json").read_text())["extra"]["holdout"] == {
+        "rule": "spread", "fraction": 0.02, "block_contexts": 64}
     return cache, sae
 
 
@@ -89,6 +91,6 @@ def test_a_foreign_cache_evaluates_like_ours(workspace, tmp_path):
         assert result.exit_code == 0, result.output
         reports.append(json.loads((tmp_path / c.stem / sae.name / "eval.json").read_text()))  # --out holds it all
     ours_report, foreign_report = reports
-    assert foreign_report["cache"] == str(foreign) and ours_report["rows"] == foreign_report["rows"] == [1536, 2048]
+    assert foreign_report["cache"] == str(foreign) and ours_report["rows"] == foreign_report["rows"] == [[2016, 2048]]
     assert foreign_report["metrics"] == ours_report["metrics"]
     assert ours_report["metrics"]["ce_mean_ablated"] != ours_report["metrics"]["ce_zero_ablated"]

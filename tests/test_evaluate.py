@@ -2,14 +2,16 @@
 it must, many SAEs in one pass = one at a time, the plots' data, and every user error through the CLI.
 
 One workspace per module, laid out like a user's: cache/g.zarr harvested (float32) from the tiny Gemma-2 of
-conftest, and cache/runs/r1, three SAEs trained on it by `sae train`. Its held-out rows are [1536, 2048):
-16 contexts of 32 tokens, 496 of them not BOS.
+conftest, and cache/runs/r1, three SAEs trained on it by `sae train --holdout-fraction 0.25`. Its held-out rows
+are the last 4 contexts of each of its 4 chunks of 16 (sae_common/holdout.py): 16 contexts of 32 tokens, 496 of
+them not BOS.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -27,10 +29,12 @@ from sae_cache.sae_common.cli import main
 from sae_cache.sae_common.model import load_model
 from sae_cache.sae_common.sae import SAE, SAEConfig
 from sae_cache.sae_common.sae_io import save_sae
-from tests.test_harvest import CTX, harvest_args
+from tests.conftest import WORDS
+from tests.test_harvest import CTX, harvest_args, hf_hidden_states
 
 HOOK = "blocks.1.hook_resid_post"
-HOLDOUT = (1536, 2048)
+HOLDOUT = [(384, 512), (896, 1024), (1408, 1536), (1920, 2048)]
+HOLDOUT_RECORD = {"rule": "spread", "fraction": 0.25, "block_contexts": 16}
 D = 32  # d_model of conftest's checkpoints
 
 
@@ -61,7 +65,8 @@ def workspace(checkpoints, corpus, tmp_path_factory) -> Path:
     result = cli(*harvest_args(checkpoints["gemma2"], corpus, cache, "--layer", 1, "--dtype", "float32"))
     assert result.exit_code == 0, result.output
     result = cli("train", "--cache", cache, "--out", root / "cache" / "runs" / "r1", "--batch-size", 256,
-                 "--expansion", 2, "--arch", "topk,batchtopk,relu", "--k", 4, "--device", "cpu")
+                 "--expansion", 2, "--arch", "topk,batchtopk,relu", "--k", 4, "--device", "cpu",
+                 "--holdout-fraction", 0.25)
     assert result.exit_code == 0, result.output
     return root
 
@@ -82,7 +87,7 @@ def evaluated_run(workspace) -> tuple[Path, str, dict[str, dict]]:
 
 def save_test_sae(sae: SAE, directory: Path, workspace: Path, hook: str = HOOK) -> Path:
     return save_sae(sae, directory, model_name="gemma2", hook_name=hook,
-                    extra_record={"cache": str(workspace / "cache" / "g.zarr"), "holdout_start": HOLDOUT[0]})
+                    extra_record={"cache": str(workspace / "cache" / "g.zarr"), "holdout": HOLDOUT_RECORD})
 
 
 def perfect_sae() -> SAE:
@@ -132,8 +137,8 @@ def test_ces_equal_hugging_face_and_a_perfect_sae_changes_nothing(workspace, che
     assert result.exit_code == 0, result.output
     m = read_eval(sae_dir)["metrics"]
     cache = open_cache(workspace / "cache" / "g.zarr")
-    tokens_NT = torch.from_numpy(cache.tokens()[HOLDOUT[0]:HOLDOUT[1]]).long().reshape(-1, CTX)
-    x_NTD = cache.read_rows(HOOK, *HOLDOUT).double().reshape(-1, CTX, D)
+    tokens_NT = torch.from_numpy(np.concatenate([cache.tokens()[a:b] for a, b in HOLDOUT])).long().reshape(-1, CTX)
+    x_NTD = torch.cat([cache.read_rows(HOOK, a, b) for a, b in HOLDOUT]).double().reshape(-1, CTX, D)
     mean_D = (x_NTD if include_bos else x_NTD[:, 1:]).mean((0, 1)).float()
     model = checkpoints["gemma2"]
     assert m["tokens"] == (512 if include_bos else 496)
@@ -145,9 +150,13 @@ def test_ces_equal_hugging_face_and_a_perfect_sae_changes_nothing(workspace, che
     assert m["ce_spliced"] == m["ce_clean"] and m["ce_degradation"] == 0.0 and m["kl_div"] == 0.0
     assert m["ce_loss_score"] == 1.0
     assert m["fvu"] == 0.0 and m["mse"] == 0.0 and m["explained_variance"] == 1.0
-    # (BOS is token 0, Gemma-2's padding index, whose embedding and so residual stream are zero in this
-    # bias-free model: cos(0, 0) counts as 0, so only without BOS is the mean cosine 1)
-    assert m["cosine_similarity"] == pytest.approx(31 / 32 if include_bos else 1.0, abs=1e-12)
+    # (BOS is token 0, Gemma-2's padding index, whose embedding is zero, and so is the residual stream of this
+    # bias-free model wherever a context has seen only token 0 (BOS, and a separator right after it): cos(0, 0)
+    # counts as 0)
+    zero_NT = (tokens_NT == 0).long().cumprod(1).bool()
+    zero_NT = zero_NT if include_bos else zero_NT[:, 1:]
+    assert zero_NT.sum() >= (16 if include_bos else 0)
+    assert m["cosine_similarity"] == pytest.approx(1 - zero_NT.sum().item() / zero_NT.numel(), abs=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2", "llama"])
@@ -195,9 +204,10 @@ def test_no_argument_evaluates_the_newest_run_on_held_out_rows_only(evaluated_ru
     run, output, reports = evaluated_run
     assert "using the newest run under cache/runs: cache/runs/r1" in output
     assert sorted(reports) == ["batchtopk-k4-64", "relu-l1_0.01-64", "topk-k4-64"]
-    assert json.loads((run / "run.json").read_text())["holdout_start"] == HOLDOUT[0]
+    assert json.loads((run / "run.json").read_text())["holdout"] == HOLDOUT_RECORD
     for r in reports.values():
-        assert r["rows"] == list(HOLDOUT) and r["metrics"]["tokens"] == 496 and r["metrics"]["ce_tokens"] == 480
+        assert r["rows"] == [list(r) for r in HOLDOUT] and r["dataset"] is None
+        assert r["metrics"]["tokens"] == 496 and r["metrics"]["ce_tokens"] == 480
         assert len(r["latent_frequency"]) == r["d_sae"] == 64 and sum(r["l0_histogram"]) == 496
         assert r["batch_mode"] is False
     assert reports["topk-k4-64"]["l0_histogram"] == [0, 0, 0, 0, 496]  # top-k: exactly k latents per token
@@ -298,8 +308,37 @@ def test_a_model_that_cannot_be_loaded_and_too_many_tokens_say_what_is_valid(wor
     assert "is a directory but not a Hugging Face checkpoint: it has no config.json" in out
     out = fails(run, "--tokens", "4096")
     assert "--tokens 4,096 is more than the 512 held-out tokens of" in out and "ask for at most 512" in out
-    out = fails(run, "--dataset", "more.txt")
-    assert "--dataset 'more.txt': evaluating on fresh text is not supported yet" in out
+    out = fails(run, "--dataset", tmp_path / "more.txt")
+    assert f"{tmp_path / 'more.txt'} does not exist" in out
+
+
+def test_fresh_text_gives_the_same_metrics_and_its_ces_equal_hugging_face(evaluated_run, checkpoints, tmp_path):
+    """--dataset: a local file the harvest never read, packed as harvest packs (BOS + 31 tokens, documents
+    separated by EOS); its clean and mean-ablated CEs equal Hugging Face's on the same contexts."""
+    from transformers import AutoTokenizer
+
+    rng = random.Random(7)
+    docs = [" ".join(rng.choice(WORDS[::-1]) for _ in range(rng.randint(5, 40))) for _ in range(60)]
+    data = tmp_path / "fresh.jsonl"
+    data.write_text("\n".join(json.dumps({"body": d}) for d in docs) + "\n")
+    run, _, held_out = evaluated_run
+    result = eval_cli(run / "topk-k4-64", "--dataset", data, "--text-column", "body", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = read_eval(tmp_path / "out" / "topk-k4-64")
+    assert report["dataset"] == {"source": str(data), "split": "train", "text_column": "body"}
+    assert report["rows"] is None and set(report) == set(held_out["topk-k4-64"])
+    assert report["metrics"].keys() == held_out["topk-k4-64"]["metrics"].keys()  # the same metrics
+    model = checkpoints["gemma2"]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = [t for d in docs for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    assert len(ids) >= 16 * (CTX - 1)  # the default: as many contexts as the SAEs hold out (16)
+    tokens_NT = torch.tensor([[tokenizer.bos_token_id] + ids[i * (CTX - 1):(i + 1) * (CTX - 1)] for i in range(16)])
+    m = report["metrics"]
+    assert m["tokens"] == 16 * (CTX - 1)
+    assert m["ce_clean"] == pytest.approx(hf_ce(model, tokens_NT, False), rel=1e-6)
+    mean_D = hf_hidden_states(model, tokens_NT)[2][:, 1:].double().mean((0, 1)).float()  # block 1's output
+    assert m["ce_mean_ablated"] == pytest.approx(hf_ce(model, tokens_NT, False, mean_D), rel=1e-6)
+    assert m["ce_clean"] != held_out["topk-k4-64"]["metrics"]["ce_clean"]  # other text, other numbers
 
 
 def test_a_damaged_sae_is_refused_naming_the_file(evaluated_run, tmp_path):
@@ -316,7 +355,7 @@ def test_a_damaged_sae_is_refused_naming_the_file(evaluated_run, tmp_path):
 def test_a_run_trained_from_a_relative_cache_path_evaluates_from_any_directory(workspace, tmp_path, monkeypatch):
     monkeypatch.chdir(workspace)
     result = cli("train", "--cache", "cache/g.zarr", "--out", tmp_path / "run", "--batch-size", 256, "--expansion",
-                 2, "--arch", "topk", "--k", 4, "--device", "cpu", "--tokens", 512)
+                 2, "--arch", "topk", "--k", 4, "--device", "cpu", "--tokens", 512, "--holdout-fraction", 0.25)
     assert result.exit_code == 0, result.output
     monkeypatch.chdir(tmp_path)  # where cache/g.zarr does not exist
     result = eval_cli(tmp_path / "run", "--tokens", 64)

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from sae_cache.sae_common.background import put_unless_stopped
-from sae_cache.sae_common.cache_format import TORCH_DTYPE, Cache, damaged, holdout_start, storage_view
+from sae_cache.sae_common.cache_format import TORCH_DTYPE, Cache, damaged, storage_view
 from sae_cache.sae_common.chunk_reader import ChunkDamaged, ChunkReader
 from sae_cache.sae_common.config import TrainConfig
+from sae_cache.sae_common.holdout import training_ranges
 
 
 # -- the stream: pure functions of the seed and the geometry ---------------------------------------------
@@ -62,7 +63,8 @@ def window_order(seed: int, epoch: int, window: int, n_rows: int) -> np.ndarray:
 class ActivationLoader:
     """`n_batches` batches `x_BD` of one hook (the CLI asks for tokens: n_batches = tokens // batch_size).
 
-    rows: the [start, stop) row range read; default (0, holdout_start(cache)), the training rows.
+    rows: the [start, stop) row range read, or a list of them (in order, disjoint); default: the training rows
+    (every row the cache's held-out rule leaves to training, sae_common/holdout.py).
     shuffle_tokens: rows per shuffle window, rounded to whole chunks; two windows are held in memory.
     workers: threads decoding chunks; prefetch: batches kept ready ahead of the consumer.
     start_batch: resume here; batches start_batch..n_batches-1 are yielded, equal to an uninterrupted run's.
@@ -71,13 +73,18 @@ class ActivationLoader:
     Iterating starts fresh background threads each time; closing or dropping the iterator stops them.
     """
 
-    def __init__(self, cache: Cache, hook: str, *, batch_size: int, n_batches: int, rows: tuple[int, int] | None = None,
+    def __init__(self, cache: Cache, hook: str, *, batch_size: int, n_batches: int,
+                 rows: tuple[int, int] | list[tuple[int, int]] | None = None,
                  seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  shuffle_tokens: int = TrainConfig.shuffle_tokens, workers: int = 2, prefetch: int = 4, start_batch: int = 0,
                  part: tuple[int, int] = (0, 1)):
-        start, stop = rows = (0, holdout_start(cache)) if rows is None else rows
-        if not 0 <= start < stop <= cache.n_tokens:
-            raise ValueError(f"rows {rows} is not a non-empty range inside the cache's {cache.n_tokens} rows")
+        given = rows
+        rows = training_ranges(cache, TrainConfig.holdout_fraction) if rows is None else (
+            [rows] if isinstance(rows, tuple) else rows)
+        bounds = [0] + [int(r) for span in rows for r in span] + [cache.n_tokens]
+        if not rows or any(a > b for a, b in zip(bounds, bounds[1:])) or any(a >= b for a, b in rows):
+            raise ValueError(f"rows {given} are not non-empty, ordered, disjoint ranges inside the cache's "
+                             f"{cache.n_tokens} rows")
         if not 0 <= start_batch <= n_batches:
             raise ValueError(f"start_batch={start_batch} must be between 0 and n_batches={n_batches}")
         if batch_size < 1 or workers < 1 or prefetch < 1:
@@ -86,7 +93,7 @@ class ActivationLoader:
         self.reader = ChunkReader(self.array, shard_digests(cache, self.array.path))
         self.rows, self.d_model = rows, cache.d_model
         self.rows_per_chunk = self.reader.rows_per_chunk
-        self.spans_U2 = chunk_spans(rows, self.rows_per_chunk)
+        self.spans_U2 = np.concatenate([chunk_spans(r, self.rows_per_chunk) for r in rows])
         self.chunks_per_window = max(1, round(shuffle_tokens / self.rows_per_chunk))
         self.batch_size, self.n_batches, self.start_batch, self.seed = batch_size, n_batches, start_batch, seed
         self.device, self.dtype = torch.device(device), dtype
@@ -96,7 +103,7 @@ class ActivationLoader:
 
     @property
     def n_rows(self) -> int:
-        return self.rows[1] - self.rows[0]
+        return sum(stop - start for start, stop in self.rows)
 
     @property
     def epochs(self) -> int:

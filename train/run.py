@@ -8,20 +8,22 @@ import itertools
 import json
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from rich.console import Console
 
-from sae_cache.sae_common.cache_format import (DEFAULT_ROOT, Cache, CacheError, damaged, find_caches, holdout_start,
-                                                open_cache, verify)
+from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache, CacheError, damaged, find_caches, open_cache, verify
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.console import make_console
 from sae_cache.sae_common.distributed import World, all_gather_object, rank_device, world
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.files import Locked, acquire_lock
+from sae_cache.sae_common.holdout import holdout_record, training_ranges
+from sae_cache.sae_common.wandb_log import import_wandb, train_runs
 from sae_cache.sae_common.model import resolve_device
 from sae_cache.sae_common.sae import SAE
 from sae_cache.sae_common.sae_io import RUN_FILE, save_sae
@@ -106,6 +108,8 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
     """Train (or resume) the sweep; returns the run directory."""
     console = console or make_console()
     device = resolve_device(cfg.device)  # the config checked each value; what needs the machine or the cache is here
+    if cfg.wandb is not None:
+        import_wandb()  # its absence is named before any work
     cache = pick_cache(cfg, console)
     hook = pick_hook(cfg, cache)
     entries = expand(cfg, cache.d_model)
@@ -119,10 +123,11 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
                             f"gives each rank batch-size/{w.size} rows); use a batch of at least {w.size}")
     run_dir = Path(out) if out is not None else default_run_dir(cfg, cache, hook)
     check_output_dir(run_dir)
-    rows = (0, holdout_start(cache, cfg.holdout_fraction))
-    n_batches = (cfg.tokens or rows[1]) // cfg.batch_size
+    rows = training_ranges(cache, cfg.holdout_fraction)
+    n_train = sum(stop - start for start, stop in rows)
+    n_batches = (cfg.tokens or n_train) // cfg.batch_size
     if n_batches == 0:
-        raise UserError(f"{cfg.tokens or rows[1]:,} training tokens make no batch of {cfg.batch_size:,}; "
+        raise UserError(f"{cfg.tokens or n_train:,} training tokens make no batch of {cfg.batch_size:,}; "
                         "ask for more --tokens or a smaller --batch-size")
     if cfg.dtype == "bfloat16" and device == "cpu":
         console.print("[yellow]--dtype bfloat16 on the CPU: bf16 matmuls ran 230x slower than float32 on a CPU "
@@ -145,7 +150,8 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
             start = resume(run_dir, members, state, cfg.batch_size, n_batches, console, writer)
             # absolute, so that eval finds the cache from any directory
             run_info = {"config": cfg.to_dict(), "cache": os.path.abspath(cache.path), "hook": hook,
-                        "model": cache.meta["model"], "holdout_start": rows[1], "n_batches": n_batches,
+                        "model": cache.meta["model"], **holdout_record(cache, cfg.holdout_fraction),
+                        "n_batches": n_batches,
                         "saes": [m.name for m in members]}
             if writer:
                 write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
@@ -153,10 +159,13 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
             loader, batches = open_stream(cache, hook, cfg, rows, n_batches, start, device, members, console, part)
             console.print(f"training {len(members)} SAE(s) on {hook} of {cache.path} for {n_batches:,} batches of "
                           f"{cfg.batch_size:,} tokens into {run_dir}")
-            done = train_loop(members, batches, start_batch=start, n_batches=n_batches, batch_size=cfg.batch_size,
-                              log_every=cfg.log_every, run_dir=run_dir, save=save, source_rows=loader.source_rows,
-                              checkpoint_every_batches=max(1, cfg.checkpoint_every // cfg.batch_size),
-                              console=console, write_history=writer, agree_stop=data_parallel)
+            configs = {e.name: {"train": cfg.to_dict(), "sae": asdict(e.sae), "lr": e.lr} for e in entries}
+            with train_runs(cfg.wandb if writer else None, run_dir, configs) as on_record:
+                done = train_loop(members, batches, start_batch=start, n_batches=n_batches, batch_size=cfg.batch_size,
+                                  log_every=cfg.log_every, run_dir=run_dir, save=save, source_rows=loader.source_rows,
+                                  checkpoint_every_batches=max(1, cfg.checkpoint_every // cfg.batch_size),
+                                  console=console, write_history=writer, agree_stop=data_parallel,
+                                  on_record=on_record)
             if writer:
                 export(members, entries, run_dir, cache, hook, cfg, run_info, done)
         except OSError as e:
@@ -188,7 +197,7 @@ def same_checkpoint(state: dict[str, Any] | None, run_dir: Path, w: World) -> No
                         "directory must be one shared by every rank (a shared filesystem)")
 
 
-def open_stream(cache: Cache, hook: str, cfg: TrainConfig, rows: tuple[int, int], n_batches: int, start: int,
+def open_stream(cache: Cache, hook: str, cfg: TrainConfig, rows: list[tuple[int, int]], n_batches: int, start: int,
                 device: str, members: list[Member], console: Console,
                 part: tuple[int, int] = (0, 1)) -> tuple[ActivationLoader, Iterator[torch.Tensor]]:
     """The training batches from batch `start` on (a data-parallel rank's `part` of each); a fresh run first sets
@@ -246,7 +255,8 @@ def export(members: list[Member], entries: list[SweepEntry], run_dir: Path, cach
     for m, e in zip(members, entries):
         save_sae(m.sae, run_dir / m.name, model_name=cache.meta["model"], hook_name=hook,
                  extra_record={"train_config": cfg.to_dict(), "lr": e.lr, "cache": run_info["cache"],
-                               "holdout_start": run_info["holdout_start"], "tokens_trained": done * cfg.batch_size,
+                               **holdout_record(cache, cfg.holdout_fraction),
+                               "tokens_trained": done * cfg.batch_size,
                                "final_metrics": m.last, "context_size": cache.meta["context_size"],
                                "prepend_bos": cache.meta["prepend_bos"],
                                "dataset_path": (cache.meta.get("dataset") or {}).get("source")})

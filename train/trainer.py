@@ -102,10 +102,12 @@ class StopFlag:
 def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_batch: int, n_batches: int,
                batch_size: int, log_every: int, checkpoint_every_batches: int, run_dir: Path,
                save: Callable[[int], None], source_rows: Callable[[int, list[int]], list[int]],
-               console: Console, write_history: bool = True, agree_stop: bool = False) -> int:
+               console: Console, write_history: bool = True, agree_stop: bool = False,
+               on_record: Callable[[str, dict], None] | None = None) -> int:
     """Train until `n_batches`; returns the number of batches done (checkpointed). On Ctrl-C it checkpoints
     the batches done and raises TrainingInterrupted. write_history=False: metrics are kept, not written (a
-    data-parallel rank other than 0); agree_stop: the ranks stop after the same batch when any saw Ctrl-C."""
+    data-parallel rank other than 0); agree_stop: the ranks stop after the same batch when any saw Ctrl-C.
+    `on_record(name, record)`: called with each history record after it is written (wandb logging)."""
     histories = {m.name: open(run_dir / m.name / HISTORY, "a") for m in members} if write_history else {}
     done, t0, done0 = start_batch, time.perf_counter(), start_batch
     try:
@@ -123,7 +125,7 @@ def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_
                     stop.set = bool(all_reduce_(torch.tensor([int(stop.set)], device=x_BD.device), "max"))
                 at_end = done == n_batches
                 if done % log_every == 0 or at_end or stop.set:
-                    _record(members, histories, done * batch_size)
+                    _record(members, histories, done * batch_size, on_record)
                     rate = (done - done0) * batch_size / (time.perf_counter() - t0)
                     live.update(_table(members, done, n_batches, batch_size, rate))
                 if done % checkpoint_every_batches == 0 or at_end or stop.set:
@@ -141,7 +143,8 @@ def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_
     return done
 
 
-def _record(members: list[Member], histories: dict, tokens: int) -> None:
+def _record(members: list[Member], histories: dict, tokens: int,
+            on_record: Callable[[str, dict], None] | None) -> None:
     for m in members:
         if m.n == 0:
             continue
@@ -152,6 +155,8 @@ def _record(members: list[Member], histories: dict, tokens: int) -> None:
         if m.name in histories:
             histories[m.name].write(json.dumps(record) + "\n")
             histories[m.name].flush()
+            if on_record is not None:
+                on_record(m.name, record)
 
 
 def _finite(v: Any) -> bool:
