@@ -126,7 +126,8 @@ def harvest(out: Path | None, overwrite: bool, **options: Any) -> None:
     from sae_cache.harvest.run import harvest as run_harvest
 
     path = run_harvest(cfg, out, overwrite=overwrite)
-    click.echo(str(path))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the path is printed once
+        click.echo(str(path))
 
 
 def _list_of(kind: type) -> Callable:
