@@ -7,6 +7,8 @@ same run on the same text:
   tokenize  the harvest's own reading, tokenizing and packing (`open_documents` + `pack_contexts`), run over the
             text exactly as a rank that skips every shard would (no model);
   model     the bare forward pass over those contexts (the layers a harvest builds), batch after batch;
+  read, pack  what every rank still does for the whole stream, the tokenizing being split between the
+            ranks: reading the documents, and packing already-tokenized documents into contexts;
   ratio     tokenize / model: the number of ranks at which tokenizing would take as long as the model (by CPU
             time on the CPU, where both are CPU work and a busy machine distorts the wall clock; by the wall
             clock on a GPU).
@@ -43,10 +45,10 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def rates(n_tokens: int, start: tuple[float, float]) -> dict[str, int]:
+def rates(n_tokens: int, start: tuple[float, float], end: tuple[float, float] | None = None) -> dict[str, int]:
     """Tokens/s by the wall clock, and per CPU-second of this process (all its threads): on a busy machine the
     second is the one to trust for CPU work; on a GPU only the first means anything."""
-    wall, cpu = (now - then for now, then in zip(clocks(), start))
+    wall, cpu = (now - then for now, then in zip(end or clocks(), start))
     return {"tokens_per_s": round(n_tokens / wall), "tokens_per_cpu_s": round(n_tokens / cpu)}
 
 
@@ -56,6 +58,30 @@ def tokenize_rate(dataset: str, tokenizer, context_size: int, n_ctx: int) -> tup
     docs = open_documents(dataset, "train", "text")
     contexts = [ids for ids, _ in itertools.islice(pack_contexts(docs, tokenizer, context_size, True), n_ctx)]
     return rates(len(contexts) * context_size, start), contexts
+
+
+class _Looked:
+    """A tokenizer that looks every document's ids up: packing with no tokenizing in it."""
+
+    def __init__(self, tokenizer, docs: list):
+        self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.ids = {d: tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs if isinstance(d, str)}
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [self.ids[t] for t in texts]}
+
+
+def read_and_pack_rates(dataset: str, tokenizer, context_size: int, n_ctx: int) -> tuple[dict, dict]:
+    """What every rank still does for the whole stream when the ranks split the tokenizing: reading the
+    documents, and packing token ids into contexts."""
+    start = clocks()
+    docs = list(itertools.islice(open_documents(dataset, "train", "text"), 100_000))
+    end = clocks()
+    looked = _Looked(tokenizer, docs)
+    read = rates(sum(len(ids) + 1 for ids in looked.ids.values()), start, end)
+    start = clocks()
+    n = sum(1 for _ in itertools.islice(pack_contexts(iter(docs), looked, context_size, True), n_ctx))
+    return read, rates(n * context_size, start)
 
 
 def model_rate(loaded, hooks: list[str], contexts: list[list[int]], batch_size: int) -> dict:
@@ -91,9 +117,12 @@ def main() -> None:
         tokenize_rate(args.dataset, loaded.tokenizer, args.context_size, min(n_ctx, 64))  # warm-up (imports, caches)
         tok, contexts = tokenize_rate(args.dataset, loaded.tokenizer, args.context_size, n_ctx)
         fwd = model_rate(loaded, hooks, contexts, args.batch_size)
+        read, pack = read_and_pack_rates(args.dataset, loaded.tokenizer, args.context_size, n_ctx)
     key = "tokens_per_s" if device.startswith("cuda") else "tokens_per_cpu_s"
     threads = {k: os.environ.get(k) for k in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
     for line in ({"measure": "tokenize", **tok, "tokens": len(contexts) * args.context_size},
+                 {"measure": "read", **read, "note": "reading the documents, counted in their tokens"},
+                 {"measure": "pack", **pack},
                  {"measure": "model", **fwd, "model": args.model, "layer": args.layer, "device": device,
                   "batch_size": args.batch_size, "torch_threads": torch.get_num_threads()},
                  {"measure": "ratio", "tokenize_over_model": round(tok[key] / fwd[key], 2), "by": key, "env": threads}):

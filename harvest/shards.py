@@ -3,7 +3,9 @@
 The shard is the unit of work: shard s holds contexts [s·C, (s+1)·C) of the one deterministic context stream
 (C = rows_per_shard / context_size), and batches never straddle a shard, so a shard's bytes do not depend on
 which process computes it or when. Under torchrun rank r computes the shards s with s % N == r: every rank
-reads and tokenizes the whole stream and skips the contexts of other ranks' shards without running the model.
+reads the whole text, the ranks tokenize it between them (text.py TokenizeSplit: each group of documents by one
+rank, the token ids all-gathered), every rank packs the whole stream and passes over the contexts of other
+ranks' shards without running the model.
 Work goes in rounds of N consecutive shards; each rank writes its shard's files whole (in a background thread,
 while it computes the next round), the ranks gather what they wrote once per round (every rank, with or without
 a shard in it: no rank ever waits alone), and rank 0 records the round's shards in order. So the cache records
@@ -28,12 +30,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from sae_cache.harvest.text import Position, pack_contexts
+from sae_cache.harvest.text import Position, TokenizeSplit, pack_contexts
 from sae_cache.sae_common.background import background
 from sae_cache.sae_common.cache_format import itemsize, to_storage
 from sae_cache.sae_common.cache_writer import CacheWriter, write_shard_files
 from sae_cache.sae_common.config import HarvestConfig
-from sae_cache.sae_common.distributed import all_gather_object, barrier, world
+from sae_cache.sae_common.distributed import all_gather_object, barrier, side_group, world
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.model import LoadedModel, run_hooks
 
@@ -54,8 +56,13 @@ def write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], docs
     position = Position(**meta["dataset"]["position"])
     skipped: list[dict] = []  # documents that could not be read, appended in order by the tokenizing thread
     # Tokenizing runs a few batches ahead in its own thread (the tokenizer releases the GIL while it encodes).
-    contexts = background(pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position, skipped),
-                          depth=4 * cfg.batch_size, name="harvest-tokenize")
+    split = None
+    if w.active:  # the ranks tokenize the stream between them (on their own group: it runs in the thread below)
+        group, body = side_group(), cfg.context_size - int(cfg.prepend_bos)
+        split = TokenizeSplit(w.rank, w.size, lambda obj: all_gather_object(obj, group),
+                              max_tokens=(n_target - int(meta["n_tokens"])) // cfg.context_size * body)
+    contexts = background(pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position, skipped,
+                                        split), depth=4 * cfg.batch_size, name="harvest-tokenize")
     rows_s = meta["layout"]["rows_per_shard"]
     state = {"bytes": 0, "raw": 0, "recorded": int(meta["n_tokens"]), "shown": 0, "written_here": 0,
              "raw_row_bytes": len(hooks) * meta["d_model"] * itemsize(cfg.dtype) + 4}

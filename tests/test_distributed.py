@@ -35,6 +35,7 @@ def test_two_ranks_see_each_other() -> None:
     for s in seen:
         assert s["gathered"] == ["r0", "r1"] and s["broadcast"] == {"from": 0}
         assert (s["sum"], s["max"], s["min"]) == (3.0, 2.0, 1.0)
+        assert s["side"] == ["s0", "s1"] and s["main_beside"] == ["m0", "m1"]  # side_group beside the main one
     assert seen[0]["shard"] == [0, 2, 4] and seen[1]["shard"] == [1, 3]
 
 

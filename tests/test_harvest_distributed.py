@@ -7,12 +7,15 @@ every file (the metadata included) must be equal; only the writer's lock file, w
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from sae_cache.harvest.shards import KILL_HOOK
+from sae_cache.harvest.text import Position, TokenizeSplit, open_documents, pack_contexts
 from sae_cache.sae_common.cache_format import open_cache, verify
 from sae_cache.sae_common.cache_writer import LOCK_FILE
 from sae_cache.sae_common.model import ASSETS
@@ -87,3 +90,44 @@ def test_a_dataset_that_runs_out_mid_round_ends_the_same_on_two_ranks(tmp_path):
     one = open_cache(tmp_path / "one.zarr")
     assert one.meta["exhausted"] and one.n_tokens == 9 * 32, json.dumps(one.meta)[:500]
     assert_same_cache(tmp_path / "two.zarr", tmp_path / "one.zarr")
+
+
+def split_contexts(tokenizer, n_ranks: int, start: Position, max_tokens: int) -> list[list]:
+    """pack_contexts on `n_ranks` threads that tokenize the built-in text between them (gathering as ranks do)."""
+    slots, meet = [None] * n_ranks, threading.Barrier(n_ranks, timeout=60)  # a missed gather fails, not hangs
+
+    def gather(rank: int, obj):
+        slots[rank] = obj
+        meet.wait()
+        got = list(slots)
+        meet.wait()
+        return got
+
+    out: list[list] = [[] for _ in range(n_ranks)]
+
+    def rank(r: int) -> None:
+        split = TokenizeSplit(r, n_ranks, lambda obj: gather(r, obj), max_tokens)
+        docs = open_documents("stdlib-sample", "train", "text")
+        out[r] = list(pack_contexts(docs, tokenizer, 32, True, start, split=split))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(n_ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and not meet.broken
+    return out
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_ranks_that_tokenize_between_them_pack_the_same_contexts(n_ranks):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-stdlib-gpt2")
+    start = Position(doc=5, offset=7)  # a resumed harvest: mid-document
+    n_ctx = 300  # about 140 documents: several rounds of 64-document groups, the last one partial
+    whole = list(itertools.islice(pack_contexts(open_documents("stdlib-sample", "train", "text"), tokenizer, 32,
+                                                True, start), n_ctx))
+    got = split_contexts(tokenizer, n_ranks, start, max_tokens=n_ctx * 31)
+    assert all(g == got[0] for g in got)  # every rank packs the same stream and stops after the same round
+    assert len(got[0]) >= n_ctx and got[0][:n_ctx] == whole
