@@ -5,11 +5,14 @@ absent. Arrays grow one shard at a time and the attributes (with the shard's che
 dataset it reached) are rewritten atomically after the shard's files are written, so a crash at any point
 leaves a cache that reads as the shards recorded so far. Writers only write whole shards: zarr-python loses
 data when parts of one shard are written concurrently. One writer at a time per cache, enforced by a lock.
+Under torchrun that writer is rank 0's: every rank writes its own shards' files (`write_shard_files`, no lock,
+nothing recorded) and rank 0 records them (`record_shard`) once they are all on disk.
 
-The Zarr group is created with the first shard, and a writer closed before recording anything removes what it
-made: a harvest that fails before its first shard (the dataset, the model, the disk) leaves no empty cache
-for `sae train` to find. A kill -9 during a write leaves the store's `*.partial` temporary files; the next
-writer removes them under the lock.
+The Zarr group is created with the first shard (or by `prepare`, before other processes write shards), and a
+writer closed before recording anything removes what it made: a harvest that fails before its first shard
+(the dataset, the model, the disk) leaves no empty cache for `sae train` to find. A kill -9 during a write
+leaves `*.partial` temporary files; the next writer removes them under the lock, and `prepare` removes the
+files of shards that were written but never recorded.
 """
 
 from __future__ import annotations
