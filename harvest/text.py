@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import glob
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sae_cache.harvest.local_files import SUFFIXES, DataError, Skipped, read_rows
 from sae_cache.harvest.local_files import columns as local_columns
@@ -119,11 +121,25 @@ def separator_id(tokenizer: Any) -> int:
     return int(sep)
 
 
+@dataclass(frozen=True)
+class TokenizeSplit:
+    """Tokenizing shared by the ranks of a job that all read the same documents: of each round of `size` groups
+    of documents, rank `rank` tokenizes one and `gather` (an all_gather among the ranks) brings every rank all
+    of them. It stops after the round that reaches `max_tokens` of the stream (the same round on every rank),
+    so no rank is left waiting in a gather the others never join."""
+
+    rank: int
+    size: int
+    gather: Callable[[Any], list]
+    max_tokens: int
+
+
 def pack_contexts(docs: Iterable[str | Skipped], tokenizer: Any, context_size: int, prepend_bos: bool,
-                  start: Position = Position(), skipped: list[dict] | None = None
+                  start: Position = Position(), skipped: list[dict] | None = None, split: TokenizeSplit | None = None
                   ) -> Iterator[tuple[list[int], Position]]:
     """Yield (context token ids, position of the NEXT context) from `start` on. Each Skipped document is
-    appended to `skipped` as {"doc": index, ...its record} before any context after it is yielded."""
+    appended to `skipped` as {"doc": index, ...its record} before any context after it is yielded. With
+    `split`, the ranks tokenize the documents between them; the contexts are the same."""
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
         raise DataError("--prepend-bos needs a tokenizer with a BOS token; this one has none (use --no-prepend-bos)")
@@ -132,9 +148,10 @@ def pack_contexts(docs: Iterable[str | Skipped], tokenizer: Any, context_size: i
     head = [bos] if prepend_bos else []
     buf: list[int] = []
     docs = itertools.islice(docs, start.doc, None)  # skipping documents costs no tokenization
-    for group_start, group in _groups(docs, start.doc):
-        texts = [d for d in group if isinstance(d, str)]
-        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    groups = _groups(docs, start.doc)
+    for group_start, group, encoded in (_split_encoded(groups, tokenizer, split, start.offset) if split else
+                                        ((i, g, _encode(tokenizer, g)) for i, g in groups)):
+        encoded = iter(encoded)
         for doc, text in enumerate(group, start=group_start):
             if not isinstance(text, str):
                 if skipped is not None:
@@ -159,3 +176,28 @@ def _groups(docs: Iterable[str | Skipped], first_index: int) -> Iterator[tuple[i
     while group := list(itertools.islice(it, TOKENIZE_GROUP)):
         yield index, group
         index += len(group)
+
+
+def _encode(tokenizer: Any, group: list[str | Skipped]) -> list[list[int]]:
+    texts = [d for d in group if isinstance(d, str)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _split_encoded(groups: Iterator[tuple[int, list]], tokenizer: Any, split: TokenizeSplit, offset: int
+                   ) -> Iterator[tuple[int, list, list[list[int]]]]:
+    """(first index, group, its documents' token ids) for each group, each rank tokenizing one group a round.
+    Token ids travel as one int32 array and the lengths (4 bytes a token)."""
+    tokens = -offset  # of the stream from the start position: the first document's first `offset` are not in it
+    while tokens < split.max_tokens:
+        round_ = list(itertools.islice(groups, split.size))  # every rank reads the same documents: same rounds
+        mine = None
+        if split.rank < len(round_):
+            ids = _encode(tokenizer, round_[split.rank][1])
+            mine = (np.fromiter(itertools.chain.from_iterable(ids), np.int32), np.array([len(i) for i in ids], dtype=np.int64))
+        for (first, group), (flat, lengths) in zip(round_, split.gather(mine)):
+            ends = np.cumsum(lengths).tolist()
+            flat = flat.tolist()
+            yield first, group, [flat[e - n:e] for e, n in zip(ends, lengths.tolist())]
+            tokens += ends[-1] + len(lengths) if ends else 0  # each document's tokens and its separator
+        if len(round_) < split.size:
+            return

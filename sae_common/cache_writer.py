@@ -5,22 +5,27 @@ absent. Arrays grow one shard at a time and the attributes (with the shard's che
 dataset it reached) are rewritten atomically after the shard's files are written, so a crash at any point
 leaves a cache that reads as the shards recorded so far. Writers only write whole shards: zarr-python loses
 data when parts of one shard are written concurrently. One writer at a time per cache, enforced by a lock.
+Under torchrun that writer is rank 0's: every rank writes its own shards' files (`write_shard_files`, no lock,
+nothing recorded) and rank 0 records them (`record_shard`) once they are all on disk.
 
-The Zarr group is created with the first shard, and a writer closed before recording anything removes what it
-made: a harvest that fails before its first shard (the dataset, the model, the disk) leaves no empty cache
-for `sae train` to find. A kill -9 during a write leaves the store's `*.partial` temporary files; the next
-writer removes them under the lock.
+The Zarr group is created with the first shard (or by `prepare`, before other processes write shards), and a
+writer closed before recording anything removes what it made: a harvest that fails before its first shard
+(the dataset, the model, the disk) leaves no empty cache for `sae train` to find. A kill -9 during a write
+leaves `*.partial` temporary files; the next writer removes them under the lock, and `prepare` removes the
+files of shards that were written but never recorded.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.storage import MemoryStore
 
 from sae_cache.sae_common.cache_format import (
     ATTRS_KEY,
@@ -30,6 +35,7 @@ from sae_cache.sae_common.cache_format import (
     CacheError,
     STORAGE_DTYPE,
     acts_path,
+    array_names,
     compressors,
     file_sha256,
     open_cache,
@@ -103,19 +109,23 @@ class CacheWriter:
         return writer
 
     def _create(self) -> None:
-        path, meta = self.path, self.meta
-        layout, dtype = meta["layout"], meta["dtype"]
         # The group is born with its attributes: a reader never sees a group that is not yet a cache.
-        group = zarr.create_group(path, attributes={ATTRS_KEY: meta})
-        rows_c, rows_s = layout["rows_per_chunk"], layout["rows_per_shard"]
-        codecs = compressors(meta["compression"], dtype)
-        for hook in meta["hooks"]:
-            group.create_array(acts_path(hook), shape=(0, meta["d_model"]), dtype=STORAGE_DTYPE[dtype],
-                               chunks=(rows_c, meta["d_model"]), shards=(rows_s, meta["d_model"]),
-                               compressors=codecs, fill_value=0)
-        group.create_array(TOKENS, shape=(0,), dtype=np.int32, chunks=(rows_c,), shards=(rows_s,),
-                           compressors=compressors(meta["compression"], "float32"), fill_value=0)
+        group = zarr.create_group(self.path, attributes={ATTRS_KEY: self.meta})
+        for name, spec in array_specs(self.meta).items():
+            group.create_array(name, shape=(0, *spec.pop("shape")[1:]), **spec)
         self.group = group
+
+    def prepare(self) -> None:
+        """Make the arrays exist, and drop every shard file past the recorded ones (left by a killed run), before
+        other processes write shards into the cache with `write_shard_files`: a resize here never deletes them."""
+        if self.group is None:
+            self._create()
+            return
+        for name in array_names(self.meta):
+            array = self.group[name]
+            if array.shape[0] != self.n_tokens:
+                array.resize((self.n_tokens,) + array.shape[1:])
+            _remove_shards_from(self.path / name, self.n_shards)
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -133,26 +143,30 @@ class CacheWriter:
         Only the last shard of a cache may be shorter than `rows_per_shard`; `progress` is merged into the
         attributes with the record (e.g. how far into the dataset this shard reaches).
         """
-        rows_s = self.meta["layout"]["rows_per_shard"]
-        n = len(tokens)
-        if self.n_tokens % rows_s:
-            raise CacheError(f"{self.path} ends in a short shard; no shard can follow it")
-        assert 0 < n <= rows_s and all(a.shape == (n, self.meta["d_model"]) for a in acts.values())
+        self._check_appendable(len(tokens))
         if self.group is None:
             self._create()
-        start, index = self.n_tokens, self.n_shards
-        arrays = {acts_path(h): a for h, a in acts.items()} | {TOKENS: tokens.astype(np.int32, copy=False)}
-        sha, written = {}, 0
-        for name, data in arrays.items():
-            array = self.group[name]
-            array.resize((start + n,) + array.shape[1:])
-            array[start:start + n] = data  # one whole shard: one file, written atomically by the store
-            file = shard_file(self.path, array, index)
-            sha[name], written = file_sha256(file), written + file.stat().st_size
-        self.meta = {**self.meta, **progress, "n_tokens": start + n,
-                     "shards": [*self.meta["shards"], {"rows": n, "sha256": sha}]}
-        self.group.attrs[ATTRS_KEY] = self.meta  # the store writes zarr.json atomically (temp file + rename)
+        sha, written = write_shard_files(self.path, self.meta, self.n_shards, acts, tokens)
+        self.record_shard(len(tokens), sha, progress)
         return written
+
+    def record_shard(self, rows: int, sha: dict[str, str], progress: dict[str, Any]) -> None:
+        """Record the next shard, whose files (checksums `sha`) are on disk: the arrays grow over it and the
+        attributes are rewritten atomically. Files of later shards, written by other processes, are left alone."""
+        self._check_appendable(rows)
+        start = self.n_tokens
+        for name in array_names(self.meta):
+            array = self.group[name]
+            array.resize((start + rows,) + array.shape[1:])  # growing: no file is touched
+        self.meta = {**self.meta, **progress, "n_tokens": start + rows,
+                     "shards": [*self.meta["shards"], {"rows": rows, "sha256": sha}]}
+        self.group.attrs[ATTRS_KEY] = self.meta  # the store writes zarr.json atomically (temp file + rename)
+
+    def _check_appendable(self, rows: int) -> None:
+        rows_s = self.meta["layout"]["rows_per_shard"]
+        if self.n_tokens % rows_s:
+            raise CacheError(f"{self.path} ends in a short shard; no shard can follow it")
+        assert 0 < rows <= rows_s
 
     def finish(self, **fields: Any) -> None:
         """Mark the cache as complete (all tokens asked for are in) or record why it stopped early."""
@@ -180,6 +194,67 @@ class CacheWriter:
 
     def as_cache(self) -> Cache:
         return Cache(path=self.path, group=self.group, meta=self.meta)
+
+
+def array_specs(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each array's creation arguments (its full shape at `meta["n_tokens"]` rows): the one definition of how a
+    cache's arrays are chunked, sharded and compressed."""
+    layout, dtype, d, n = meta["layout"], meta["dtype"], meta["d_model"], meta["n_tokens"]
+    rows_c, rows_s = layout["rows_per_chunk"], layout["rows_per_shard"]
+    specs = {acts_path(h): {"shape": (n, d), "dtype": STORAGE_DTYPE[dtype], "chunks": (rows_c, d),
+                            "shards": (rows_s, d), "compressors": compressors(meta["compression"], dtype),
+                            "fill_value": 0} for h in meta["hooks"]}
+    specs[TOKENS] = {"shape": (n,), "dtype": np.int32, "chunks": (rows_c,), "shards": (rows_s,),
+                     "compressors": compressors(meta["compression"], "float32"), "fill_value": 0}
+    return specs
+
+
+def write_shard_files(path: Path, meta: dict[str, Any], index: int, acts: dict[str, np.ndarray],
+                      tokens: np.ndarray) -> tuple[dict[str, str], int]:
+    """Write shard `index`'s file of every array whole, recording nothing; returns (SHA-256 per array, bytes).
+
+    Any process may call this for a shard no other process writes (under torchrun each rank writes its own):
+    the shard is encoded by zarr in memory, as an array of its own rows with the cache's settings (a shard's
+    bytes depend only on its rows), then written beside its place as a `*.partial` file and renamed over it.
+    The arrays' directories must exist (`CacheWriter.prepare`); they are never made here, so a rank cannot
+    recreate a cache that rank 0 has just removed."""
+    n = len(tokens)
+    assert 0 < n <= meta["layout"]["rows_per_shard"]
+    assert all(a.shape == (n, meta["d_model"]) for a in acts.values())
+    data = {acts_path(h): a for h, a in acts.items()} | {TOKENS: tokens.astype(np.int32, copy=False)}
+    sha, written = {}, 0
+    for name, spec in array_specs({**meta, "n_tokens": n}).items():
+        encoded: dict = {}
+        memory = zarr.create_array(MemoryStore(encoded), **spec)
+        memory[:] = data[name]
+        (key,) = [k for k in encoded if k != "zarr.json"]  # the one shard file
+        target = path / name / memory.metadata.encode_chunk_key((index,) + (0,) * (memory.ndim - 1))
+        _write_file(target, encoded[key].to_bytes(), stop=path / name)
+        sha[name], written = file_sha256(target), written + target.stat().st_size
+    return sha, written
+
+
+def _write_file(target: Path, data: bytes, stop: Path) -> None:
+    """Write `target` whole: a temporary file named like zarr's (removed by the next writer if killed), then a
+    rename. Missing directories between `stop` (which must exist) and the file are made."""
+    missing = [d for d in target.parents if d != stop and stop in d.parents and not d.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)  # never parents=True: `stop` must exist
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_shards_from(array_dir: Path, first: int) -> None:
+    """Remove the files of shards `first`, `first` + 1, ... of an array (zarr's default keys: c/<shard>/...)."""
+    chunks = array_dir / "c"
+    for entry in chunks.iterdir() if chunks.is_dir() else []:
+        if entry.name.isdigit() and int(entry.name) >= first:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def _acquire_lock(path: Path) -> int:

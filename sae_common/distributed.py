@@ -118,14 +118,25 @@ def barrier() -> None:
             dist.barrier()
 
 
-def all_gather_object(obj: T) -> list[T]:
-    """Every rank's `obj`, in rank order (picklable objects; for small things such as names and checksums)."""
+def all_gather_object(obj: T, group: Any = None) -> list[T]:
+    """Every rank's `obj`, in rank order (picklable objects; for small things such as names and checksums).
+    `group`: one from `side_group()`, for a background thread (default: the main group)."""
     if not world().active:
         return [obj]
     out: list[Any] = [None] * world().size
     with _guard("all_gather_object"):
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def side_group() -> Any:
+    """A second gloo group of all ranks (None in one process). Collectives on one group must come in the same
+    order on every rank, which two threads cannot promise; a background thread uses its own group. Every rank
+    must call this, in the same order with the other collectives."""
+    if not world().active:
+        return None
+    with _guard("new_group"):
+        return dist.new_group(backend="gloo")
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import torch
 
@@ -23,6 +24,13 @@ def main(mode: str) -> None:
             "broadcast": D.broadcast_object({"from": w.rank}), "sum": D.all_reduce_(t.clone()).item(),
             "max": D.all_reduce_(t.clone(), "max").item(), "min": D.all_reduce_(t.clone(), "min").item(),
             "shard": list(D.shard(5)), "all_gather": D.all_gather(torch.tensor([w.rank, 10 + w.rank])).tolist()}
+    if mode == "collectives":  # a background thread gathers on its own group while the main thread gathers
+        side, box = D.side_group(), {}
+        thread = threading.Thread(target=lambda: box.update(side=D.all_gather_object(f"s{w.rank}", side)))
+        thread.start()
+        seen["main_beside"] = D.all_gather_object(f"m{w.rank}")
+        thread.join(60)
+        seen["side"] = box.get("side")
     D.barrier()  # under "die"/"raise" the survivor waits here until torchrun stops it
     os.write(1, (json.dumps(seen) + "\n").encode())  # one write: the two ranks share the pipe
     D.shutdown()

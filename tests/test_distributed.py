@@ -37,6 +37,7 @@ def test_two_ranks_see_each_other() -> None:
         assert s["gathered"] == ["r0", "r1"] and s["broadcast"] == {"from": 0}
         assert (s["sum"], s["max"], s["min"]) == (3.0, 2.0, 1.0)
         assert s["all_gather"] == [[0, 10], [1, 11]]
+        assert s["side"] == ["s0", "s1"] and s["main_beside"] == ["m0", "m1"]  # side_group beside the main one
     assert seen[0]["shard"] == [0, 2, 4] and seen[1]["shard"] == [1, 3]
 
 

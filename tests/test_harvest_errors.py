@@ -9,6 +9,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
+from sae_cache.harvest import shards
 from sae_cache.sae_common.cache_format import open_cache, verify
 from sae_cache.sae_common.cache_format import layout_for
 from sae_cache.sae_common.cache_writer import CacheWriter
@@ -87,17 +88,17 @@ def test_refuses_when_the_disk_cannot_hold_the_cache(checkpoints, corpus, tmp_pa
 
 def test_full_disk_mid_run_keeps_the_cache_resumable(checkpoints, corpus, tmp_path, monkeypatch):
     out_dir = tmp_path / "c.zarr"
-    real = CacheWriter.write_shard
+    real = shards.write_shard_files  # what every rank calls to write its shard's files
 
-    def full_after_two(self, *args, **kwargs):
-        if self.n_shards == 2:
+    def full_after_two(path, meta, index, *args):
+        if index == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(self, *args, **kwargs)
+        return real(path, meta, index, *args)
 
-    monkeypatch.setattr(CacheWriter, "write_shard", full_after_two)
+    monkeypatch.setattr(shards, "write_shard_files", full_after_two)
     out = fails(*harvest_args(checkpoints["gpt2"], corpus, out_dir, "--layer", 1))
     assert "disk is full while writing shard 2" in out and "1,024 complete tokens" in out
-    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    monkeypatch.setattr(shards, "write_shard_files", real)
     assert CliRunner().invoke(main, [str(a) for a in harvest_args(checkpoints["gpt2"], corpus, out_dir,
                                                                   "--layer", 1)]).exit_code == 0
     assert open_cache(out_dir).meta["complete"] and verify(open_cache(out_dir)) == []

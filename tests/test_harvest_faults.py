@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
+from sae_cache.harvest import shards
 from sae_cache.sae_common.cache_format import find_caches, layout_for, open_cache, verify
 from sae_cache.sae_common.cache_writer import CacheWriter
 from sae_cache.sae_common.cli import main
@@ -88,25 +89,25 @@ def test_a_harvest_stopped_after_a_skip_resumes_to_the_same_cache_and_record(che
     folder, _ = good_and_bad_folder(tmp_path / "data")
     args = lambda out: harvest_args(checkpoints["gpt2"], folder, out, "--layer", 1, tokens=4096)  # noqa: E731
     assert invoke(*args(tmp_path / "whole.zarr")).exit_code == 0
-    real = CacheWriter.write_shard
+    real = shards.write_shard_files  # what every rank calls to write its shard's files
 
     def full_at(shard: int):
-        def write(self, *a, **k):
-            if self.n_shards == shard:
+        def write(path, meta, index, *a):
+            if index == shard:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real(self, *a, **k)
+            return real(path, meta, index, *a)
         return write
 
     out = tmp_path / "stopped.zarr"
     recorded = []
     for stop_at in (1, 3):  # stopped before the shard that passes the bad document (doc 11), then after it
-        monkeypatch.setattr(CacheWriter, "write_shard", full_at(stop_at))
+        monkeypatch.setattr(shards, "write_shard_files", full_at(stop_at))
         assert invoke(*args(out)).exit_code == 1
         kept = open_cache(out).meta["dataset"]
         assert open_cache(out).n_tokens == 512 * stop_at
         recorded.append((kept["position"]["doc"] > 11, kept.get("skipped", {"count": 0})["count"]))
     assert recorded == [(False, 0), (True, 1)]
-    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    monkeypatch.setattr(shards, "write_shard_files", real)
     assert invoke(*args(out)).exit_code == 0
     assert _shard_files(out) == _shard_files(tmp_path / "whole.zarr")
     assert open_cache(out).meta["dataset"] == open_cache(tmp_path / "whole.zarr").meta["dataset"]
@@ -158,11 +159,11 @@ def test_a_killed_shard_writes_partial_files_are_removed_on_resume_and_never_cou
     args = lambda out: harvest_args(checkpoints["gpt2"], corpus, out, "--layer", 1)  # noqa: E731
     assert invoke(*args(tmp_path / "whole.zarr")).exit_code == 0
     out = tmp_path / "killed.zarr"
-    real = CacheWriter.write_shard
-    monkeypatch.setattr(CacheWriter, "write_shard", lambda self, *a, **k: real(self, *a, **k) if self.n_shards < 2
-                        else (_ for _ in ()).throw(KeyboardInterrupt()))
+    real = shards.write_shard_files
+    monkeypatch.setattr(shards, "write_shard_files", lambda path, meta, index, *a: real(path, meta, index, *a)
+                        if index < 2 else (_ for _ in ()).throw(KeyboardInterrupt()))
     assert invoke(*args(out)).exit_code == 130
-    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    monkeypatch.setattr(shards, "write_shard_files", real)
     info_before = invoke("cache", "info", out).output
     # What zarr's LocalStore leaves when killed mid-write: <file>.<uuid hex>.partial beside the shard and zarr.json
     leftovers = [out / "acts" / "blocks.1.hook_resid_post" / "c" / "2" / "0.0123456789abcdef0123456789abcdef.partial",
