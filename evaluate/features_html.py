@@ -22,7 +22,7 @@ aside input[type=search] { width: 100%; padding: 6px 8px; border: 1px solid #d0d
 aside .tools label { font-size: 12px; color: #57606a; margin-right: 10px; }
 aside .list { overflow: auto; flex: 1; }
 table.index { border-collapse: collapse; width: 100%; font-size: 12.5px; table-layout: fixed; }
-table.index th:nth-child(1) { width: 92px; } table.index th:nth-child(2) { width: 68px; } table.index th:nth-child(3) { width: 70px; }
+table.index th:nth-child(1) { width: 88px; } table.index th:nth-child(2) { width: 68px; } table.index th:nth-child(3) { width: 80px; }
 table.index th { position: sticky; top: 0; background: #f6f8fa; text-align: left; padding: 5px 6px; cursor: pointer;
   border-bottom: 1px solid #d0d7de; white-space: nowrap; user-select: none; }
 table.index td { padding: 3px 6px; border-bottom: 1px solid #eaeef2; white-space: nowrap; }

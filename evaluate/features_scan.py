@@ -26,11 +26,11 @@ WINDOW = WINDOW_BEFORE + 1 + WINDOW_AFTER
 HIST_BINS = 32  # a power of two, so that merging bins when the range doubles keeps every edge exact
 
 
-def add_to_histogram(hist_FH: Tensor, range_F: Tensor, acts_NF: Tensor, max_F: Tensor) -> None:
-    """Count the non-zero activations into H equal bins over [0, range_F), updating both in place.
+def add_to_histogram(hist_FH: Tensor, range_F: Tensor, f_E: Tensor, value_E: Tensor, max_F: Tensor) -> None:
+    """Count active entries (latent f_E, value_E > 0) into H equal bins over [0, range_F), both updated in place.
 
-    range_F is the smallest power of two above every value seen (`max_F`, the running maximum including this
-    batch). When it grows by 2^d, each new bin is the sum of 2^d old ones: their edges nest exactly, so the
+    range_F is the smallest power of two above every value seen (`max_F`, the running maximum including these
+    values). When it grows by 2^d, each new bin is the sum of 2^d old ones: their edges nest exactly, so the
     counts always equal a histogram of all values seen over the current range (0 while a latent never fired).
     """
     H = hist_FH.shape[1]
@@ -42,15 +42,15 @@ def add_to_histogram(hist_FH: Tensor, range_F: Tensor, acts_NF: Tensor, max_F: T
             factor = min(2**d, H)
             merged_GH = hist_FH[grown].reshape(-1, H // factor, factor).sum(-1)
             hist_FH[grown] = torch.cat([merged_GH, merged_GH.new_zeros(len(merged_GH), H - H // factor)], 1)
-    n_idx, f_idx = acts_NF.nonzero(as_tuple=True)
     # v / 2^e · H is exact (division by powers of two), so the bin is the same in any order of batches
-    bins = (acts_NF[n_idx, f_idx] / new_range_F[f_idx] * H).long().clamp_(max=H - 1)
-    hist_FH.view(-1).index_add_(0, f_idx * H + bins, torch.ones_like(bins))
+    bins_E = (value_E / new_range_F[f_E] * H).long().clamp_(max=H - 1)
+    hist_FH.view(-1).index_add_(0, f_E * H + bins_E, torch.ones_like(bins_E))
     range_F.copy_(new_range_F)
 
 
 class LatentScan:
-    """What one SAE accumulates over the scanned rows."""
+    """What one SAE accumulates over the scanned rows. Each batch is reduced to its E active entries first (E is
+    about L0 per token): every statistic and each context's maximum are O(E) scatters, not passes over B·T·F."""
 
     def __init__(self, d_sae: int, top: int, device: str | torch.device = "cpu"):
         F, N = d_sae, top
@@ -59,53 +59,65 @@ class LatentScan:
         self.row_FN = torch.full((F, N), -1, dtype=torch.long, device=device)  # its cache row
         self.window_acts_FNW = torch.full((F, N, WINDOW), torch.nan, device=device)  # NaN: outside the context
         self.window_tokens_FNW = torch.full((F, N, WINDOW), -1, dtype=torch.int32, device=device)
-        self.fired_F = torch.zeros(F, dtype=torch.long, device=device)
         self.sum_F = torch.zeros(F, dtype=torch.float64, device=device)
         self.max_F = torch.zeros(F, device=device)
         self.hist_FH = torch.zeros(F, HIST_BINS, dtype=torch.long, device=device)
         self.hist_range_F = torch.zeros(F, device=device)
 
+    @property
+    def fired_F(self) -> Tensor:
+        """Tokens each latent was active on: every active entry is counted in exactly one bin."""
+        return self.hist_FH.sum(1)
+
     @torch.no_grad()
     def add(self, acts_BTF: Tensor, tokens_BT: Tensor, first_row: int, keep_T: Tensor) -> None:
         """A batch of whole contexts starting at cache row `first_row`. Takes `acts_BTF` over (zeroes BOS in it)."""
         B, T, F = acts_BTF.shape
-        acts_BTF[:, ~keep_T] = 0
+        for t in (~keep_T).nonzero().flatten().tolist():  # a mask assignment would rewrite the whole tensor
+            acts_BTF[:, t] = 0
         self.n_tokens += B * int(keep_T.sum())
-        acts_NF = acts_BTF.view(B * T, F)
-        self.fired_F += (acts_NF > 0).sum(0)
-        self.sum_F += acts_NF.sum(0, dtype=torch.float64)
-        self.max_F = torch.maximum(self.max_F, acts_NF.amax(0))
-        add_to_histogram(self.hist_FH, self.hist_range_F, acts_NF, self.max_F)
-        self._merge_top(acts_BTF, tokens_BT, first_row)
+        b_E, t_E, f_E = acts_BTF.nonzero(as_tuple=True)  # activations are never negative
+        value_E = acts_BTF[b_E, t_E, f_E]
+        self.sum_F.index_add_(0, f_E, value_E.double())
+        self.max_F.scatter_reduce_(0, f_E, value_E, "amax")
+        add_to_histogram(self.hist_FH, self.hist_range_F, f_E, value_E, self.max_F)
+        # each context's maximum per latent, at its first position (the brute-force rule: argmax's first)
+        context_latent_E = b_E * F + f_E
+        value_BF = value_E.new_zeros(B * F).scatter_reduce_(0, context_latent_E, value_E, "amax")
+        at_max_E = value_E == value_BF[context_latent_E]
+        pos_BF = t_E.new_full((B * F,), T).scatter_reduce_(0, context_latent_E[at_max_E], t_E[at_max_E], "amin")
+        self._merge_top(value_BF.view(B, F), pos_BF.view(B, F), acts_BTF, tokens_BT, first_row)
 
-    def _merge_top(self, acts_BTF: Tensor, tokens_BT: Tensor, first_row: int) -> None:
+    def _merge_top(self, value_BF: Tensor, pos_BF: Tensor, acts_BTF: Tensor, tokens_BT: Tensor,
+                   first_row: int) -> None:
         """Merge the batch's contexts into each latent's top N, ordered by activation, then by row: a stable sort
         of [kept (already in that order), batch (in row order)] keeps the earlier row first among equal values."""
         B, T, F = acts_BTF.shape
         N = self.value_FN.shape[1]
-        value_BF, pos_BF = acts_BTF.max(dim=1)  # torch returns the first position of a row's maximum
-        value_FB, pos_FB = value_BF.T, pos_BF.T
-        contexts_B = torch.arange(B, device=acts_BTF.device)
-        row_FB = first_row + contexts_B * T + pos_FB
-        all_value = torch.cat([self.value_FN, value_FB], 1)
-        order_FN = all_value.sort(dim=1, descending=True, stable=True).indices[:, :N]
-        from_batch_FN = order_FN >= N
-        b_FN = (order_FN - N).clamp(min=0)  # the batch context of slots that come from the batch
-        # windows of the batch's winners only: F × N × W gathers, whatever the batch size
-        offsets_W = torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1, device=acts_BTF.device)
-        t_FNW = pos_FB.gather(1, b_FN)[..., None] + offsets_W
-        inside_FNW = (t_FNW >= 0) & (t_FNW < T)
-        t_FNW = t_FNW.clamp(0, T - 1)
-        b_FNW = b_FN[..., None].expand_as(t_FNW)
-        f_FNW = torch.arange(F, device=acts_BTF.device)[:, None, None].expand_as(t_FNW)
-        new_acts_FNW = acts_BTF[b_FNW, t_FNW, f_FNW].masked_fill(~inside_FNW, torch.nan)
-        new_tokens_FNW = tokens_BT[b_FNW, t_FNW].to(torch.int32).masked_fill(~inside_FNW, -1)
-        kept_FNW = order_FN.clamp(max=N - 1)[..., None].expand(-1, -1, WINDOW)
-        use_new_FNW = from_batch_FN[..., None]
-        self.window_acts_FNW = torch.where(use_new_FNW, new_acts_FNW, self.window_acts_FNW.gather(1, kept_FNW))
-        self.window_tokens_FNW = torch.where(use_new_FNW, new_tokens_FNW, self.window_tokens_FNW.gather(1, kept_FNW))
-        self.row_FN = torch.cat([self.row_FN, row_FB], 1).gather(1, order_FN)
-        self.value_FN = all_value.gather(1, order_FN)
+        # only latents where some context beats the N-th kept value change (a tie keeps the earlier row): after
+        # the first batches, few of them, so the F × N × W window work shrinks to G × N × W
+        changed_G = (value_BF.amax(0) > self.value_FN[:, -1]).nonzero().squeeze(1)
+        if len(changed_G) == 0:
+            return
+        value_GB, pos_GB = value_BF.T[changed_G], pos_BF.T[changed_G]
+        row_GB = first_row + torch.arange(B, device=acts_BTF.device) * T + pos_GB
+        all_value = torch.cat([self.value_FN[changed_G], value_GB], 1)
+        order_GN = all_value.sort(dim=1, descending=True, stable=True).indices[:, :N]
+        # kept slots move to their new place; slots won by the batch (M of them) get their window from it
+        kept_GNW = order_GN.clamp(max=N - 1)[..., None].expand(-1, -1, WINDOW)
+        acts_GNW = self.window_acts_FNW[changed_G].gather(1, kept_GNW)
+        tokens_GNW = self.window_tokens_FNW[changed_G].gather(1, kept_GNW)
+        g_M, n_M = (order_GN >= N).nonzero(as_tuple=True)
+        b_M = order_GN[g_M, n_M] - N
+        t_MW = pos_GB[g_M, b_M][:, None] + torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1, device=acts_BTF.device)
+        outside_MW = (t_MW < 0) | (t_MW >= T)
+        t_MW = t_MW.clamp(0, T - 1)
+        acts_GNW[g_M, n_M] = acts_BTF[b_M[:, None], t_MW, changed_G[g_M, None]].masked_fill(outside_MW, torch.nan)
+        tokens_GNW[g_M, n_M] = tokens_BT[b_M[:, None], t_MW].to(torch.int32).masked_fill(outside_MW, -1)
+        self.window_acts_FNW[changed_G] = acts_GNW
+        self.window_tokens_FNW[changed_G] = tokens_GNW
+        self.row_FN[changed_G] = torch.cat([self.row_FN[changed_G], row_GB], 1).gather(1, order_GN)
+        self.value_FN[changed_G] = all_value.gather(1, order_GN)
 
 
 @dataclass
