@@ -180,13 +180,17 @@ def activation_mean(cache: Cache, hook: str, rows: list[tuple[int, int]], keep_T
 def load_eval_model(cache: Cache, cfg: EvalConfig, device: str) -> LoadedModel:
     """The cache's model as harvest loaded it (its record: source and dtype), with every layer."""
     record = cache.meta.get("model_load") or {}
-    model = cfg.model
-    if model is None:  # harvest records the absolute checkpoint directory; a hub name stays a name
-        source = record.get("source")
-        model = source if source and Path(source).is_dir() else cache.meta["model"]
+    model = cfg.model or harvested_model(cache)
     dtype = record.get("dtype") if cfg.model_dtype == "auto" else None
     dtype = dtype or resolve_model_dtype(cfg.model_dtype, device)
     return load_model(model, [], device=device, dtype=dtype, n_layers=count_layers(resolve_source(model)))
+
+
+def harvested_model(cache: Cache) -> str:
+    """The model the cache was harvested with: harvest records the absolute checkpoint directory; a hub name
+    stays a name."""
+    source = (cache.meta.get("model_load") or {}).get("source")
+    return source if source and Path(source).is_dir() else cache.meta["model"]
 
 
 def check_fit(loaded: LoadedModel, targets: list[Target], probe_BT: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES
                                          TRAIN_DTYPES, flag)
 from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
 from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.features_config import FeaturesConfig
 from sae_cache.sae_common.sae_config import SWEEPS, SAEConfig
 
 
@@ -54,6 +55,7 @@ INTERRUPTED = {
     "harvest": "sae harvest interrupted: every complete shard is kept; run the same command again to resume",
     "train": "sae train interrupted: its last checkpoint is kept; run the same command again to resume",
     "eval_command": "sae eval interrupted: it writes its results only when it finishes; run it again",
+    "features": "sae features interrupted: it writes its pages only when its scan finishes; run it again",
     "info": "sae cache info interrupted",
     "verify": "sae cache verify interrupted: nothing was verified; run it again",
 }
@@ -290,6 +292,30 @@ def eval_command(**options: Any) -> None:
     from sae_cache.evaluate.run import evaluate
 
     evaluate(cfg)
+
+@main.command()
+@click.argument("saes", nargs=-1, metavar="[SAE_DIR]...")
+@option(FeaturesConfig, "top", type=int)
+@option(FeaturesConfig, "cache", type=str)
+@option(FeaturesConfig, "model", type=str)
+@option(FeaturesConfig, "tokens", type=str, callback=_count)
+@option(FeaturesConfig, "batch_size", type=int)
+@option(FeaturesConfig, "device")
+@option(FeaturesConfig, "out", type=str)
+@user_errors
+def features(**options: Any) -> None:
+    """Write a feature browser per SAE: each latent's top held-out contexts, histogram and logit lens.
+
+    SAE_DIR: SAE directories or training run directories (default: every SAE of the newest run under
+    ./cache/runs). One self-contained HTML page per SAE (features.html in its directory, or <out>/<SAE>.html),
+    from one scan of the held-out rows for all of them; prints each page's path.
+    """
+    cfg = FeaturesConfig(**options)  # checks every value before the heavy imports
+    from sae_cache.evaluate.features import features as write_features
+
+    for page in write_features(cfg):
+        click.echo(str(page))
+
 
 @main.group()
 def cache() -> None:

@@ -41,7 +41,7 @@ class Bad:
     names: str | None = None  # what the line names instead of the option (a message about the value itself)
 
 
-H, T, E, I, V = "harvest", "train", "eval", "cache info", "cache verify"
+H, T, E, I, V, X = "harvest", "train", "eval", "cache info", "cache verify", "features"
 TABLE = [
     Bad(H, "--model", ("--model", ""), "--model '': must be a non-empty string"),
     Bad(H, "--model", ("--model", "./nope"), "./nope is not a checkpoint directory", names="./nope"),
@@ -189,6 +189,21 @@ TABLE = [
     Bad(E, "--out", ("--out", "{file}"), "--out {file}: {file} is a file, not a directory"),
     Bad(E, "--wandb", ("--wandb", "x" * 129), "a wandb project name has at most 128 characters", names="--wandb"),
 
+    Bad(X, "SAE_DIR", ("{cwd}/nope",), "nope does not exist; give SAE directories", names="nope"),
+    Bad(X, "SAE_DIR", ("{damaged_sae}",), "sae_record.json is damaged or truncated (not valid JSON)",
+        names="{damaged_sae}"),
+    Bad(X, "--top", ("--top", "0"), "--top 0: must be a positive integer"),
+    Bad(X, "--top", ("--top", "5000"), "--top 5000: must be a positive integer no larger than 1000"),
+    Bad(X, "--top", ("--top", "many"), "'many' is not a valid integer", code=2),
+    Bad(X, "--cache", ("--cache", "{cwd}/nope.zarr"), "is not an activation cache", names="nope.zarr"),
+    Bad(X, "--cache", ("--cache", ""), "--cache '': must be a non-empty string"),
+    Bad(X, "--model", ("--model", "./nope"), "./nope is not a checkpoint directory", names="./nope"),
+    Bad(X, "--tokens", ("--tokens", "0"), "--tokens 0: must be a positive integer"),
+    Bad(X, "--tokens", ("--tokens", "1M"), "--tokens 1,000,000 is more than the 1,024 held-out tokens"),
+    Bad(X, "--batch-size", ("--batch-size", "0"), "--batch-size 0: must be a positive integer"),
+    Bad(X, "--device", ("--device", "tpu"), "--device tpu: use auto, cpu, cuda or cuda:N"),
+    Bad(X, "--out", ("--out", "{file}"), "--out {file}: {file} is a file, not a directory"),
+
     Bad(I, "PATH", ("{cwd}/nope.zarr",), "is not an activation cache (no zarr.json there)", names="nope.zarr"),
     Bad(I, "PATH", ("{file}",), "is not an activation cache", names="{file}"),
     Bad(I, "--json", ("--json=1", "{cache}"), "Option '--json' does not take a value", code=2),
@@ -204,7 +219,8 @@ NO_BAD_VALUE: dict[tuple[str, str], str] = {}
 
 def commands() -> dict[str, click.Command]:
     return {H: main.commands["harvest"], T: main.commands["train"], E: main.commands["eval"],
-            I: main.commands["cache"].commands["info"], V: main.commands["cache"].commands["verify"]}
+            I: main.commands["cache"].commands["info"], V: main.commands["cache"].commands["verify"],
+            X: main.commands["features"]}
 
 
 def spelled(param: click.Parameter) -> str:
@@ -251,6 +267,7 @@ BASE = {
     T: ("train", "--cache", "{cache}", "--out", "{cwd}/run", "--batch-size", "256", "--dict-size", "32", "--k", "4",
         "--log-every", "4", "--device", "cpu"),
     E: ("eval", "{sae}", "--device", "cpu", "--batch-size", "8"),
+    X: ("features", "{sae}", "--device", "cpu"),
     I: ("cache", "info"),
     V: ("cache", "verify"),
 }

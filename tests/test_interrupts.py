@@ -14,6 +14,8 @@ STAGES = {  # command -> (module.function it runs, what the message says)
     "train": ("sae_cache.train.run.train", "sae train interrupted: its last checkpoint is kept; run the same command "
                                            "again to resume"),
     "eval": ("sae_cache.evaluate.run.evaluate", "sae eval interrupted: it writes its results only when it finishes"),
+    "features": ("sae_cache.evaluate.features.features", "sae features interrupted: it writes its pages only when "
+                                                         "its scan finishes"),
 }
 
 
