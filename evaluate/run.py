@@ -23,6 +23,7 @@ from sae_cache.evaluate.sources import (Target, activation_mean, check_fit, chec
                                         heldout_rows, heldout_tokens, keep_positions, load_eval_model, load_targets,
                                         open_target_cache, output_dir)
 from sae_cache.evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
+from sae_cache.sae_common import distributed
 from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import EvalConfig
@@ -45,7 +46,8 @@ class HookGroup:
 def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAULT_ROOT) -> list[dict]:
     """Evaluate the SAEs `cfg` names; returns one report (the content of its eval.json) per SAE."""
     console = console or make_console()
-    device = resolve_device(cfg.device)  # the config checked each value; what needs the machine or files is here
+    # the config checked each value; what needs the machine or files is here (under torchrun: this rank's GPU)
+    device = distributed.rank_device(resolve_device(cfg.device))
     if cfg.model is not None:
         resolve_source(cfg.model)  # a model that is not there is refused before the SAEs and the cache are read
     targets = load_targets(find_sae_dirs(cfg.saes, root, console))
@@ -58,24 +60,31 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
     loaded = load_eval_model(cache, cfg, device)
     check_fit(loaded, targets, tokens_NT[:1].to(device))
     keep_T = keep_positions(cache, cfg.include_bos)
-    groups = build_groups(targets, cache, rows, keep_T, device, loaded.bridge.cfg.dtype)
+    mine = rank_share(targets, distributed.world())
+    groups = build_groups(mine, cache, rows, keep_T, device, loaded.bridge.cfg.dtype)
     console.print(f"evaluating {len(targets)} SAE(s) on {len(tokens_NT) * keep_T.sum().item():,} held-out tokens "
                   f"(rows [{rows[0]:,}, {rows[1]:,}) of {cache.path}) spliced into {loaded.source}")
     ce_clean = Mean()
     with _progress(console) as progress, torch.inference_mode():
         task = progress.add_task("eval", total=rows[1] - rows[0])
-        for tokens_BT in tokens_NT.split(cfg.batch_size):
+        for tokens_BT in tokens_NT.split(cfg.batch_size) if groups else ():  # a rank without SAEs runs nothing
             evaluate_batch(loaded.bridge, tokens_BT.to(device), keep_T.to(device), groups, ce_clean, cfg.batch_mode)
             progress.advance(task, tokens_BT.numel())
     reports = [sae_report(t, sae_metrics(stats, g.acts, ce_clean, g.ce_zero, g.ce_mean), cfg=cfg, cache=cache,
                           rows=rows, model=loaded.source)
                for g in groups for t, stats in g.members]
+    reports = [r for share in distributed.all_gather_object(reports) for r in share]  # every rank joins, idle too
+    if distributed.world().is_main:  # rank 0 alone writes; the gathered order is one process's order
+        write_outputs(reports, cfg, out, console)
+    return reports
+
+
+def write_outputs(reports: list[dict], cfg: EvalConfig, out: Path, console: Console) -> None:
     plots = save_plots(reports, out / "plots")
     summary = write_reports(reports, out, plots=[str(p) for p in plots.values()], beside_saes=cfg.out is None)
     print_table(reports, console)
     where = "each SAE directory" if cfg.out is None else f"{out}/<SAE>/"
     console.print(f"[green]done[/]: eval.json in {where}, {summary} and {len(plots)} plot(s) in {out / 'plots'}")
-    return reports
 
 
 def build_groups(targets: list[Target], cache: Cache, rows: tuple[int, int], keep_T: Tensor, device: str,
@@ -88,6 +97,20 @@ def build_groups(targets: list[Target], cache: Cache, rows: tuple[int, int], kee
         t.sae.to(device)
         groups[t.hook].members.append((t, SAEStats(t.sae.cfg.d_sae)))
     return list(groups.values())
+
+
+def rank_share(targets: list[Target], w: distributed.World) -> list[Target]:
+    """This rank's SAEs under torchrun (all of them in one process). The SAEs are split, not the tokens: each SAE
+    then sees every held-out token in the same batches on one rank, so its numbers are a single process's exactly
+    (BatchTopK's --batch-mode selects over the batch) and nothing needs merging. The ranks take contiguous runs of
+    the hook-grouped order that build_groups uses (rank 0 the first and any one extra, so it always has work to
+    show progress on): a rank runs the ablations only of the hooks it has SAEs of, and the shares gathered in rank
+    order are one process's reports in one process's order."""
+    hooks = list(dict.fromkeys(t.hook for t in targets))
+    ordered = sorted(targets, key=lambda t: hooks.index(t.hook))  # stable: within a hook, the order given
+    base, extra = divmod(len(ordered), w.size)
+    start = w.rank * base + min(w.rank, extra)
+    return ordered[start:start + base + (w.rank < extra)]
 
 
 def evaluate_batch(bridge, tokens_BT: Tensor, keep_T: Tensor, groups: list[HookGroup], ce_clean: Mean,
