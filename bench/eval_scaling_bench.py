@@ -5,8 +5,10 @@ across ranks and every rank runs the model's clean pass and its hooks' ablations
 hook a batch costs about 3 + S partial forward passes in one process and 3 + S/N per rank: the speed-up tends to
 N only when S is large against 3. The whole command is timed (imports, model load, the check of the held-out
 shards, plots), as a user waits for it. On a CPU the processes share the cores: the single process gets all
---threads, each of the N ranks --threads / N, so the comparison is at equal cores. The metrics are compared too:
-equal up to the float rounding that a different number of threads per process gives.
+--threads, each of the N ranks --threads / N, so the comparison is at equal cores; a second baseline runs the
+single process with a rank's threads, which isolates the split's gain from the kernels' thread scaling. The
+metrics are compared too: equal at equal threads per process, and up to the float rounding that a different
+number of threads gives otherwise.
 
     .venv/bin/python bench/eval_scaling_bench.py [--saes 8] [--nproc 2] [--threads 2] [--tokens 64K]
 
@@ -91,15 +93,19 @@ def measure(work: Path, args: argparse.Namespace) -> None:
     saes = make_saes(cache, work / "saes", args.saes, args.expansion)
     common = ["eval", *saes, "--device", args.device, "--batch-size", 16]
     one = run([*SAE_CMD, *common, "--out", work / "one"], args.threads)
+    per_rank = max(1, args.threads // args.nproc)
+    # the second baseline: the split's gain alone, apart from how the kernels scale with threads
+    one_thin = run([*SAE_CMD, *common, "--out", work / "thin"], per_rank)
     many = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                "-m", "sae_cache.sae_common.cli", *common, "--out", work / "many"],
-               max(1, args.threads // args.nproc))
+                "-m", "sae_cache.sae_common.cli", *common, "--out", work / "many"], per_rank)
     first = json.loads((work / "one" / "eval_summary.json").read_text())["saes"][0]
     print(json.dumps({"bench": "eval_scaling", "saes": args.saes, "d_sae": first["d_sae"],
                       "eval_tokens": first["tokens"], "nproc": args.nproc, "threads": args.threads,
-                      "device": args.device,
-                      "one_process_s": round(one, 2), "torchrun_s": round(many, 2),
-                      "speedup": round(one / many, 2), "max_rel_diff": max_rel_diff(work / "one", work / "many")}))
+                      "device": args.device, "one_process_s": round(one, 2), "torchrun_s": round(many, 2),
+                      "speedup": round(one / many, 2), "one_process_rank_threads_s": round(one_thin, 2),
+                      "speedup_at_rank_threads": round(one_thin / many, 2),
+                      "max_rel_diff": max_rel_diff(work / "one", work / "many"),
+                      "max_rel_diff_at_rank_threads": max_rel_diff(work / "thin", work / "many")}))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
     groups = build_groups(mine, cache, rows, keep_T, device, loaded.bridge.cfg.dtype)
     console.print(f"evaluating {len(targets)} SAE(s) on {len(tokens_NT) * keep_T.sum().item():,} held-out tokens "
                   f"(rows [{rows[0]:,}, {rows[1]:,}) of {cache.path}) spliced into {loaded.source}")
+    if distributed.world().active:  # rank 0 speaks; it has the largest share
+        console.print(f"split over {distributed.world().size} ranks: at most {len(mine)} SAE(s) each")
     ce_clean = Mean()
     with _progress(console) as progress, torch.inference_mode():
         task = progress.add_task("eval", total=rows[1] - rows[0])

@@ -63,6 +63,7 @@ def test_two_ranks_equal_one_process_and_an_idle_rank_joins(runs, tmp_path):
     done = torchrun(eval_args(*saes, out=two), timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(TABLE_TITLE) == 1  # rank 0 alone printed the table
+    assert "split over 2 ranks: at most 2 SAE(s) each" in done.stderr
 
     expected, got = outputs(one), outputs(two)
     assert sorted(expected) == ["batchtopk-k4-64/eval.json", "eval_summary.json", "relu-l1_0.01-64/eval.json",
