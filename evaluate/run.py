@@ -26,6 +26,7 @@ from sae_cache.evaluate.sources import (Target, activation_mean, check_fit, chec
                                         heldout_rows, heldout_tokens, keep_positions, load_eval_model, load_targets,
                                         open_target_cache, output_dir)
 from sae_cache.evaluate.splice import clean_pass, reconstruct, spliced_logits, with_replaced
+from sae_cache.sae_common import distributed
 from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import EvalConfig
@@ -49,7 +50,8 @@ class HookGroup:
 def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAULT_ROOT) -> list[dict]:
     """Evaluate the SAEs `cfg` names; returns one report (the content of its eval.json) per SAE."""
     console = console or make_console()
-    device = resolve_device(cfg.device)  # the config checked each value; what needs the machine or files is here
+    # the config checked each value; what needs the machine or files is here (under torchrun: this rank's GPU)
+    device = distributed.rank_device(resolve_device(cfg.device))
     if cfg.wandb is not None:
         import_wandb()  # its absence is named before any work
     if cfg.model is not None:
@@ -64,20 +66,31 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
     text = (f"tokens of {cfg.dataset} (split {cfg.split}, column {cfg.text_column})" if dataset
             else f"held-out tokens ({len(rows)} row range(s) of {cache.path})")
     check_fit(loaded, targets, tokens_NT[:1].to(device))
-    means = (model_activation_mean(loaded, tokens_NT, hooks, keep_T, cfg.batch_size) if dataset
-             else {h: activation_mean(cache, h, rows, keep_T) for h in hooks})
-    groups = build_groups(targets, means, device, loaded.bridge.cfg.dtype)
+    mine = rank_share(targets, distributed.world())
+    my_hooks = sorted({t.hook for t in mine})
+    means = ({} if not my_hooks else model_activation_mean(loaded, tokens_NT, my_hooks, keep_T, cfg.batch_size)
+             if dataset else {h: activation_mean(cache, h, rows, keep_T) for h in my_hooks})
+    groups = build_groups(mine, means, device, loaded.bridge.cfg.dtype)
     console.print(f"evaluating {len(targets)} SAE(s) on {len(tokens_NT) * keep_T.sum().item():,} {text} spliced "
                   f"into {loaded.source}")
+    if distributed.world().active:  # rank 0 speaks; it has the largest share
+        console.print(f"split over {distributed.world().size} ranks: at most {len(mine)} SAE(s) each")
     ce_clean = Mean()
     with _progress(console) as progress, torch.inference_mode():
         task = progress.add_task("eval", total=tokens_NT.numel())
-        for tokens_BT in tokens_NT.split(cfg.batch_size):
+        for tokens_BT in tokens_NT.split(cfg.batch_size) if groups else ():  # a rank without SAEs runs nothing
             evaluate_batch(loaded.bridge, tokens_BT.to(device), keep_T.to(device), groups, ce_clean, cfg.batch_mode)
             progress.advance(task, tokens_BT.numel())
     reports = [sae_report(t, sae_metrics(stats, g.acts, ce_clean, g.ce_zero, g.ce_mean), cfg=cfg, cache=cache,
                           rows=rows, dataset=dataset, model=loaded.source)
                for g in groups for t, stats in g.members]
+    reports = [r for share in distributed.all_gather_object(reports) for r in share]  # every rank joins, idle too
+    if distributed.world().is_main:  # rank 0 alone writes; the gathered order is one process's order
+        write_outputs(reports, cfg, out, console)
+    return reports
+
+
+def write_outputs(reports: list[dict], cfg: EvalConfig, out: Path, console: Console) -> None:
     plots = save_plots(reports, out / "plots")
     summary = write_reports(reports, out, plots=[str(p) for p in plots.values()], beside_saes=cfg.out is None)
     print_table(reports, console)
@@ -85,7 +98,6 @@ def evaluate(cfg: EvalConfig, console: Console | None = None, root: Path = DEFAU
         log_eval(cfg.wandb, out, json.loads(summary.read_text()), [str(p) for p in plots.values()])
     where = "each SAE directory" if cfg.out is None else f"{out}/<SAE>/"
     console.print(f"[green]done[/]: eval.json in {where}, {summary} and {len(plots)} plot(s) in {out / 'plots'}")
-    return reports
 
 
 def read_text(cfg: EvalConfig, cache: Cache, targets: list[Target], hooks: list[str], device: str,
@@ -115,6 +127,20 @@ def build_groups(targets: list[Target], means: dict[str, Tensor], device: str,
         t.sae.to(device)
         groups[t.hook].members.append((t, SAEStats(t.sae.cfg.d_sae)))
     return list(groups.values())
+
+
+def rank_share(targets: list[Target], w: distributed.World) -> list[Target]:
+    """This rank's SAEs under torchrun (all of them in one process). The SAEs are split, not the tokens: each SAE
+    then sees every held-out token in the same batches on one rank, so its numbers are a single process's exactly
+    (BatchTopK's --batch-mode selects over the batch) and nothing needs merging. The ranks take contiguous runs of
+    the hook-grouped order that build_groups uses (rank 0 the first and any one extra, so it always has work to
+    show progress on): a rank runs the ablations only of the hooks it has SAEs of, and the shares gathered in rank
+    order are one process's reports in one process's order."""
+    hooks = list(dict.fromkeys(t.hook for t in targets))
+    ordered = sorted(targets, key=lambda t: hooks.index(t.hook))  # stable: within a hook, the order given
+    base, extra = divmod(len(ordered), w.size)
+    start = w.rank * base + min(w.rank, extra)
+    return ordered[start:start + base + (w.rank < extra)]
 
 
 def evaluate_batch(bridge, tokens_BT: Tensor, keep_T: Tensor, groups: list[HookGroup], ce_clean: Mean,
