@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sae_cache.sae_common.cache_format import TOKENS, Cache, acts_path, check_rows, damaged, holdout_start, open_cache
+from sae_cache.sae_common.cache_format import TOKENS, Cache, check_rows, damaged, holdout_start, hook_arrays, open_cache
 from sae_cache.sae_common.config import EvalConfig
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.model import LoadedModel, count_layers, load_model, resolve_model_dtype, resolve_source, run_hooks
@@ -138,7 +138,8 @@ def check_heldout(cache: Cache, hooks: set[str], rows: tuple[int, int]) -> None:
     reads a missing shard as zeros, which gave plausible wrong numbers. With recorded checksums this hashes the
     held-out shards (the held-out tail is a few % of the cache); without, it reads them back through zarr."""
     # A hook the cache lacks is named later, by the model's check or by `Cache.acts`.
-    problems = check_rows(cache, [acts_path(h) for h in sorted(hooks) if h in cache.hooks] + [TOKENS], rows)
+    names = [name for h in sorted(hooks) if h in cache.hooks for name in hook_arrays(cache.meta, h)]
+    problems = check_rows(cache, names + [TOKENS], rows)
     if problems:
         raise damaged(cache.path, problems)
 

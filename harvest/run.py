@@ -23,7 +23,8 @@ from rich.text import Text
 
 from sae_cache.harvest.text import Position, open_documents, pack_contexts, separator_id
 from sae_cache.sae_common.background import background
-from sae_cache.sae_common.cache_format import DEFAULT_ROOT, EXPECTED_RATIO, itemsize, layout_for, open_cache, to_storage
+from sae_cache.sae_common.cache_format import (DEFAULT_ROOT, EXPECTED_RATIO, empty_rows, layout_for, open_cache,
+                                              row_bytes, to_storage)
 from sae_cache.sae_common.cache_writer import CacheWriter, refuse_foreign
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import HarvestConfig, hook_names
@@ -59,7 +60,7 @@ def versions() -> dict[str, str]:
 
 def estimate_bytes(n_tokens: int, d_model: int, n_hooks: int, dtype: str, compression: str) -> int:
     ratio = EXPECTED_RATIO.get((compression, dtype), 1.0)
-    return int(n_tokens * (n_hooks * d_model * itemsize(dtype) / ratio + 4))
+    return int(n_tokens * (n_hooks * row_bytes(d_model, dtype) / ratio + 4))
 
 
 def check_disk(out: Path, needed: int) -> None:
@@ -153,7 +154,7 @@ def _write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], doc
     contexts = background(pack_contexts(docs, loaded.tokenizer, cfg.context_size, cfg.prepend_bos, position, skipped),
                           depth=4 * cfg.batch_size, name="harvest-tokenize")
     rows_s = writer.meta["layout"]["rows_per_shard"]
-    raw_row_bytes = len(hooks) * writer.meta["d_model"] * itemsize(cfg.dtype) + 4
+    raw_row_bytes = len(hooks) * row_bytes(writer.meta["d_model"], cfg.dtype) + 4
     pending: Future | None = None
     stats = {"bytes": 0, "raw": 0}
     n_skips = 0  # of `skipped`, how many the shards so far reach past
@@ -221,8 +222,7 @@ def _gather_shard(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], con
     """Run the model over the next `rows` tokens (whole contexts), batch by batch, into host arrays."""
     n_ctx = rows // cfg.context_size
     device = loaded.bridge.cfg.device
-    acts = {h: np.empty((rows, loaded.bridge.cfg.d_model), dtype=to_storage(torch.zeros(1), cfg.dtype).dtype)
-            for h in hooks}
+    acts = {h: empty_rows(rows, loaded.bridge.cfg.d_model, cfg.dtype) for h in hooks}
     tokens = np.empty(rows, dtype=np.int32)
     filled = 0
     while filled < n_ctx:

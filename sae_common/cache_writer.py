@@ -36,6 +36,7 @@ from sae_cache.sae_common.cache_format import (
     shard_file,
 )
 from sae_cache.sae_common.files import Locked, acquire_lock
+from sae_cache.sae_common.quantize import QUANTIZED_DTYPES, QuantizedRows, scales_path
 
 LOCK_FILE = ".writer.lock"
 PARTIAL = "*.partial"  # zarr's LocalStore writes each file as <name>.<uuid>.partial, then renames it
@@ -113,6 +114,10 @@ class CacheWriter:
             group.create_array(acts_path(hook), shape=(0, meta["d_model"]), dtype=STORAGE_DTYPE[dtype],
                                chunks=(rows_c, meta["d_model"]), shards=(rows_s, meta["d_model"]),
                                compressors=codecs, fill_value=0)
+            if dtype in QUANTIZED_DTYPES:  # each row's scale, beside its codes
+                group.create_array(scales_path(hook), shape=(0, 1), dtype=np.float32, chunks=(rows_c, 1),
+                                   shards=(rows_s, 1), compressors=compressors(meta["compression"], "float32"),
+                                   fill_value=0)
         group.create_array(TOKENS, shape=(0,), dtype=np.int32, chunks=(rows_c,), shards=(rows_s,),
                            compressors=compressors(meta["compression"], "float32"), fill_value=0)
         self.group = group
@@ -127,9 +132,10 @@ class CacheWriter:
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
 
-    def write_shard(self, acts: dict[str, np.ndarray], tokens: np.ndarray, progress: dict[str, Any]) -> int:
+    def write_shard(self, acts: dict[str, np.ndarray | QuantizedRows], tokens: np.ndarray, progress: dict[str, Any]) -> int:
         """Append the next shard (every hook's rows and the tokens), then record it. Returns bytes written.
 
+        `acts` holds what `to_storage` makes for the cache's dtype: arrays, or an int8 cache's codes and scales.
         Only the last shard of a cache may be shorter than `rows_per_shard`; `progress` is merged into the
         attributes with the record (e.g. how far into the dataset this shard reaches).
         """
@@ -141,7 +147,11 @@ class CacheWriter:
         if self.group is None:
             self._create()
         start, index = self.n_tokens, self.n_shards
-        arrays = {acts_path(h): a for h, a in acts.items()} | {TOKENS: tokens.astype(np.int32, copy=False)}
+        arrays = {}
+        for h, a in acts.items():
+            arrays |= ({acts_path(h): a.codes_ND, scales_path(h): a.scales_N1} if isinstance(a, QuantizedRows)
+                       else {acts_path(h): a})
+        arrays[TOKENS] = tokens.astype(np.int32, copy=False)
         sha, written = {}, 0
         for name, data in arrays.items():
             array = self.group[name]
