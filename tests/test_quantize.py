@@ -112,6 +112,18 @@ def test_loader_batches_equal_a_float32_cache_of_the_dequantised_rows(tmp_path, 
     assert all(b.dtype == torch.bfloat16 and torch.equal(b, g.bfloat16()) for b, g in zip(bf16, got))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_are_dequantised_on_the_gpu_equal_to_the_cpu(int8_cache):
+    """Pinned codes and scales, copied without blocking, dequantised on the GPU: the CPU's values exactly (one
+    float32 product per element on both)."""
+    cache = open_cache(int8_cache[0])
+    kw = dict(batch_size=64, n_batches=20, rows=(0, 1024), seed=2, shuffle_tokens=256)
+    on_cpu = list(ActivationLoader(cache, HOOK, **kw))
+    on_gpu = list(ActivationLoader(cache, HOOK, device="cuda", **kw))
+    assert all(g.is_cuda and g.dtype == torch.float32 and torch.equal(g.cpu(), c) for g, c in zip(on_gpu, on_cpu))
+
+
 # ---------------------------------------------------------------- harvest -> train -> eval on an int8 cache
 
 def cli(*args: object) -> object:
