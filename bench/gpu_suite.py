@@ -123,7 +123,7 @@ def harvest_figures(s: dict, device: str, work: Path, peak: float | None) -> dic
     cache = open_cache(harvest(cfg, work / "harvest.zarr", loaded=loaded, console=Console(file=io.StringIO())))
     seconds = time.perf_counter() - t0
     tok_s = cache.n_tokens / seconds
-    mfu = (lambda rate: None if peak is None else round(2 * block_params * rate / (peak * 1e12), 4))
+    mfu = (lambda rate: None if peak is None else float(f"{2 * block_params * rate / (peak * 1e12):.3g}"))
     return {"bench": "harvest", "model": "gemma-2-2b-random" if s["vocab"] else "tiny-gemma2-random",
             "layer": s["layer"], "hook": hook_names(cfg.layers, cfg.hook)[0], "d_model": s["d_model"],
             "blocks_run": s["layer"] + 1, "block_params": block_params, "tokens": cache.n_tokens,

@@ -12,7 +12,7 @@ straight from the shard files into the window's buffer (sae_common/chunk_reader.
 its CRC32C (or, in caches written before chunks carried one, its shard's SHA-256 on first touch) before its rows
 are used; a damaged chunk stops training with the file named. One more thread gathers batches and keeps
 `prefetch` of them ready, so decoding overlaps the training step. An int8 cache's rows travel as codes with their
-per-row scales (a quarter of float32's bytes to a GPU) and are dequantised on the training device.
+per-row scales (a quarter of float32's bytes to a GPU) and are dequantised on the GPU, or on the CPU by that thread.
 """
 
 from __future__ import annotations
@@ -187,6 +187,8 @@ class ActivationLoader:
                         torch.index_select(scales_R1, 0, order_T, out=scales_B1[filled:filled + take])
                     offset, filled, wanted = offset + take, filled + take, wanted - take
                     if filled == B:
+                        if scales_B1 is not None and self.device.type == "cpu":  # here, overlapping the step
+                            x_BD, scales_B1 = dequantize(x_BD, scales_B1, self.dtype), None
                         if not put_unless_stopped(batches, (x_BD, scales_B1), stop):
                             return
                         x_BD, filled = None, 0
