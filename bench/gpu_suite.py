@@ -6,14 +6,14 @@
 Lines, in order (every line has "bench"):
   device       the GPU, and the peak bf16 dense tensor TFLOP/s taken from PEAK_BF16_TFLOPS by its name (null
                when the name is not in the table, and always on the CPU).
-  harvest      `harvest()` (the real one: text, forward passes, int8 or bf16 storage, compression, shards) of a
+  harvest      `harvest()` (the real one: text, forward passes, bf16 storage, compression, shards) of a
                random-init gemma-2-2b-shaped model built in memory from transformers.Gemma2Config (26 layers, d_model
                2304, d_mlp 9216, 8 heads, 4 KV heads, head_dim 256, vocab 256000; bf16), booted through
                transformer-lens's TransformerBridge as `sae harvest` boots a checkpoint, reading layer 12 (blocks 0-12
                built and run). Also the bare forward pass on the same contexts. Model-FLOPs utilisation = 2 * (the
                parameters of the blocks run) * tokens/s / peak: the embedding is a lookup and the unembedding is not
                run; attention's T^2 term is left out, as in the usual 2*params*tokens count.
-  encoder_gemm the bound: addmm(b_enc, x, W_enc) alone at the training shape (bench/train_bench.py).
+  encoder_gemm the bound: the encoder GEMM alone at the training shape, timed by bench/train_bench.py (reused).
   train_step   per architecture at d=2304, F=16384, k=32, B=4096 (bf16 autocast on a GPU): tokens/s, the fraction
                of the bound measured in the same process, and SAELens's step where its virtualenv is there.
   loader       the training loader's rate into GPU memory (pinned host batches, non-blocking copies) from a bf16
