@@ -50,7 +50,7 @@ import torch
 from sae_cache.harvest.run import harvest
 from sae_cache.harvest.text import open_documents, pack_contexts
 from sae_cache.sae_common.allocator import retain_freed_memory
-from sae_cache.sae_common.cache_format import Cache, itemsize, open_cache
+from sae_cache.sae_common.cache_format import Cache, open_cache, row_bytes
 from sae_cache.sae_common.config import HarvestConfig, hook_names, parse_count
 from sae_cache.sae_common.model import ASSETS, LoadedModel, load_model, resolve_device, resolve_model_dtype, run_hooks
 
@@ -260,7 +260,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         cache = open_cache(out)
         disk = cache.disk_bytes()
-        raw = cache.n_tokens * (cache.d_model * itemsize(args.dtype) + 4)  # activations + int32 token ids
+        raw = cache.n_tokens * (row_bytes(cache.d_model, args.dtype) + 4)  # activations + int32 token ids
         tok_s = cache.n_tokens / seconds
         print(json.dumps({"bench": "harvest", "model": args.model, "device": device, "d_model": cache.d_model,
                           "layer": args.layer, "tokens": cache.n_tokens, "dtype": args.dtype,

@@ -2,7 +2,8 @@
 
 1. GB/s of bf16 rows the loader hands out (whole chunks, background decode, windowed shuffle) from caches of
    the same rows written with each compression: zstd (the default), lz4 (faster to decode, larger) and none
-   (the loader's own ceiling: nothing to decode). The baseline: the same rows in the same order gathered from
+   (the loader's own ceiling: nothing to decode); and from an int8 zstd cache of them (`--dtype int8`: codes and
+   a scale per row, dequantised by the loader; its GB/s count the bf16 rows handed out, like the others). The baseline: the same rows in the same order gathered from
    an uncompressed memory map (what every uncompressed cache pays: page-cache reads and the shuffle).
 2. A BatchTopK training step (the paper's GPT-2 shape) fed by the loader vs by a batch already in memory.
 3. What checking the bytes costs the loader (zstd): the same rows with a CRC32C per chunk (caches as written now),
@@ -111,19 +112,20 @@ def main() -> None:
             return check_costs(work, x, args)
         raw = work / "raw.u16"
         x.view(torch.int16).numpy().tofile(raw)
-        caches = {c: open_cache(write_cache(work / f"{c}.zarr", x, context_size=128, dtype="bfloat16", compression=c))
-                  for c in ("zstd", "lz4", "none")}
+        caches = {(c, "bfloat16"): open_cache(write_cache(work / f"{c}.zarr", x, context_size=128, dtype="bfloat16",
+                                                          compression=c)) for c in ("zstd", "lz4", "none")}
+        caches["zstd", "int8"] = open_cache(write_cache(work / "int8.zarr", x, context_size=128, dtype="int8"))
         del x
         os.sync()  # the kernel's write-back of the new caches would otherwise run during the first measurements
-        cache = caches["zstd"]
+        cache = caches["zstd", "bfloat16"]
         hook = cache.hooks[0]
         geometry = (raw, rows, args.d, cache.meta["layout"]["rows_per_chunk"], args.batch, 131072)
         memmap_gbps(*geometry, 1)
         base = memmap_gbps(*geometry, args.epochs)
-        for compression, c in caches.items():  # "none": the loader's own ceiling, with no decoding to do
+        for (compression, dtype), c in caches.items():  # "none": the loader's own ceiling, with no decoding to do
             loader_gbps(c, hook, args.batch, args.workers, 1)  # warm-up: the heap's first growth, as in any long run
             gbps, steady = loader_gbps(c, hook, args.batch, args.workers, args.epochs)
-            print(json.dumps({"bench": "loader_decode", "compression": compression, "rows": rows, "d": args.d,
+            print(json.dumps({"bench": "loader_decode", "compression": compression, "dtype": dtype, "rows": rows, "d": args.d,
                               "epochs": args.epochs, "workers": args.workers, "disk_mb": round(c.disk_bytes() / 1e6),
                               "raw_mb": round(rows * args.d * 2 / 1e6), "loader_gb_per_s": round(gbps, 3),
                               "after_first_batch_gb_per_s": round(steady, 3),

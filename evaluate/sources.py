@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from sae_cache.sae_common.cache_format import TOKENS, Cache, acts_path, check_rows, damaged, open_cache
+from sae_cache.sae_common.cache_format import TOKENS, Cache, check_rows, damaged, hook_arrays, open_cache
 from sae_cache.sae_common.config import EvalConfig
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.holdout import heldout_mask, row_ranges
@@ -140,7 +140,7 @@ def check_heldout(cache: Cache, hooks: set[str], rows: list[tuple[int, int]]) ->
     shards that hold held-out rows (each once); without, it reads them back through zarr."""
     per = cache.layout["rows_per_shard"]
     shards = sorted({i for start, stop in rows for i in range(start // per, -(-stop // per))})
-    names = [acts_path(h) for h in sorted(hooks) if h in cache.hooks] + [TOKENS]
+    names = [name for h in sorted(hooks) if h in cache.hooks for name in hook_arrays(cache.meta, h)] + [TOKENS]
     # A hook the cache lacks is named later, by the model's check or by `Cache.acts`.
     problems = [p for i in shards for p in check_rows(cache, names, (i * per, min((i + 1) * per, cache.n_tokens)))]
     if problems:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from sae_cache.harvest.shards import HarvestError, write_shards
 from sae_cache.harvest.text import open_documents, separator_id
-from sae_cache.sae_common.cache_format import DEFAULT_ROOT, EXPECTED_RATIO, itemsize, layout_for, open_cache
+from sae_cache.sae_common.cache_format import DEFAULT_ROOT, EXPECTED_RATIO, layout_for, open_cache, row_bytes
 from sae_cache.sae_common.cache_writer import CacheWriter, refuse_foreign
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import HarvestConfig, hook_names
@@ -49,7 +49,7 @@ def versions() -> dict[str, str]:
 
 def estimate_bytes(n_tokens: int, d_model: int, n_hooks: int, dtype: str, compression: str) -> int:
     ratio = EXPECTED_RATIO.get((compression, dtype), 1.0)
-    return int(n_tokens * (n_hooks * d_model * itemsize(dtype) / ratio + 4))
+    return int(n_tokens * (n_hooks * row_bytes(d_model, dtype) / ratio + 4))
 
 
 def check_disk(out: Path, needed: int) -> None:

@@ -32,7 +32,7 @@ from rich.text import Text
 
 from sae_cache.harvest.text import Position, TokenizeSplit, pack_contexts
 from sae_cache.sae_common.background import background
-from sae_cache.sae_common.cache_format import itemsize, to_storage
+from sae_cache.sae_common.cache_format import empty_rows, row_bytes, to_storage
 from sae_cache.sae_common.cache_writer import CacheWriter, write_shard_files
 from sae_cache.sae_common.config import HarvestConfig
 from sae_cache.sae_common.distributed import all_gather_object, barrier, side_group, world
@@ -65,7 +65,7 @@ def write_shards(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], docs
                                         split), depth=4 * cfg.batch_size, name="harvest-tokenize")
     rows_s = meta["layout"]["rows_per_shard"]
     state = {"bytes": 0, "raw": 0, "recorded": int(meta["n_tokens"]), "shown": 0, "written_here": 0,
-             "raw_row_bytes": len(hooks) * meta["d_model"] * itemsize(cfg.dtype) + 4}
+             "raw_row_bytes": len(hooks) * row_bytes(meta["d_model"], cfg.dtype) + 4}
     index, done, n_skips = len(meta["shards"]), int(meta["n_tokens"]), 0
     in_flight: tuple[list[dict], Future | None] | None = None  # the last round: its shards, this rank's write
     with _progress(console) as progress, ThreadPoolExecutor(max_workers=1) as pool:
@@ -226,8 +226,7 @@ def _gather_shard(cfg: HarvestConfig, loaded: LoadedModel, hooks: list[str], con
     """Run the model over the next `rows` tokens (whole contexts), batch by batch, into host arrays."""
     n_ctx = rows // cfg.context_size
     device = loaded.bridge.cfg.device
-    acts = {h: np.empty((rows, loaded.bridge.cfg.d_model), dtype=to_storage(torch.zeros(1), cfg.dtype).dtype)
-            for h in hooks}
+    acts = {h: empty_rows(rows, loaded.bridge.cfg.d_model, cfg.dtype) for h in hooks}
     tokens = np.empty(rows, dtype=np.int32)
     filled = 0
     while filled < n_ctx:

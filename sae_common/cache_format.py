@@ -3,8 +3,8 @@
 A cache is a Zarr v3 group directory. It holds `acts/<hook name>` arrays of shape (n_tokens, d_model) and a
 `tokens` array of shape (n_tokens,), rows aligned, all sharded along rows in the same grid. Everything else
 (what model, which data, how far, per-shard checksums) lives in the group attributes under `sae_cache`.
-Any Zarr reader can read it; this module adds the dtype view (bfloat16 is stored as uint16 bits), the
-chunk/shard sizing and verification.
+Any Zarr reader can read it; this module adds the dtype view (bfloat16 is stored as uint16 bits; an int8 cache
+adds `scales/<hook>` arrays, sae_common/quantize.py), the chunk/shard sizing and verification.
 
 Integrity: every inner chunk ends with its CRC32C (zarr's `crc32c` codec, the last bytes-to-bytes codec, so any
 Zarr reader checks it on every read), and every shard file's SHA-256 is recorded in the attributes (`sae cache
@@ -27,20 +27,22 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from sae_cache.sae_common.errors import UserError
+from sae_cache.sae_common.quantize import QUANTIZED_DTYPES, SCALE_BYTES, QuantizedRows, dequantize, scales_path
 
 FORMAT_VERSION = 1
 DEFAULT_ROOT = Path("cache")  # where caches and runs go when the command line names no path
 ATTRS_KEY = "sae_cache"
 TOKENS = "tokens"
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("bfloat16", "float16", "float32", *QUANTIZED_DTYPES)
 COMPRESSIONS = ("zstd", "lz4", "none")
 
 # Zarr has no bfloat16: its raw bits are stored as uint16 and viewed back on read.
-STORAGE_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
-TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# int8 rows are codes with a float32 scale per row, read back as float32 (sae_common/quantize.py).
+STORAGE_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32, "int8": np.int8}
+TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
 # Measured compression ratios of residual-stream activations with Blosc zstd-1 + byte shuffle (DESIGN.md);
 # used only to estimate the size of a cache before writing it. Anything unmeasured is assumed incompressible.
-EXPECTED_RATIO = {("zstd", "bfloat16"): 1.45, ("zstd", "float16"): 1.17}
+EXPECTED_RATIO = {("zstd", "bfloat16"): 1.45, ("zstd", "float16"): 1.17, ("zstd", "int8"): 1.07}
 
 TARGET_CHUNK_BYTES = 4 << 20  # inner chunks of a few MB: the unit of decoding and random access
 TARGET_SHARD_BYTES = 256 << 20  # shards of a few hundred MB: the unit of writing and checksumming
@@ -57,8 +59,22 @@ def itemsize(dtype: str) -> int:
     return np.dtype(STORAGE_DTYPE[dtype]).itemsize
 
 
-def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """A float tensor -> the numpy array stored for the logical `dtype` (bf16 -> its uint16 bits)."""
+def row_bytes(d_model: int, dtype: str) -> int:
+    """Uncompressed bytes of one row of one hook (an int8 row carries its float32 scale)."""
+    return d_model * itemsize(dtype) + (SCALE_BYTES if dtype in QUANTIZED_DTYPES else 0)
+
+
+def empty_rows(n_rows: int, d_model: int, dtype: str) -> np.ndarray | QuantizedRows:
+    """Room for `n_rows` rows as `to_storage` makes them, filled by slice assignment."""
+    quantized = dtype in QUANTIZED_DTYPES
+    return QuantizedRows.empty(n_rows, d_model) if quantized else np.empty((n_rows, d_model), STORAGE_DTYPE[dtype])
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray | QuantizedRows:
+    """A float tensor -> the numpy array stored for the logical `dtype` (bf16 -> its uint16 bits; int8 -> codes
+    and scales)."""
+    if dtype in QUANTIZED_DTYPES:
+        return QuantizedRows.of(x)
     return storage_view(x.detach().to("cpu", TORCH_DTYPE[dtype]).contiguous(), dtype)
 
 
@@ -91,7 +107,9 @@ def compressors(compression: str, dtype: str) -> list:
 
 
 def layout_for(d_model: int, dtype: str, context_size: int, rows_per_shard: int | None = None) -> dict[str, int]:
-    """Rows per chunk and per shard: whole contexts per chunk, whole chunks per shard."""
+    """Rows per chunk and per shard: whole contexts per chunk, whole chunks per shard. An int8 cache takes a bf16
+    cache's rows (chunks of half the bytes), so both hold out the same rows and train on the same ones."""
+    dtype = "bfloat16" if dtype in QUANTIZED_DTYPES else dtype
     seq_bytes = context_size * d_model * itemsize(dtype)
     seqs_per_chunk = max(1, round(TARGET_CHUNK_BYTES / seq_bytes))
     rows_per_chunk = seqs_per_chunk * context_size
@@ -212,7 +230,10 @@ class Cache:
         return "complete" not in self.meta or bool(self.meta["complete"] or self.meta.get("exhausted"))
 
     def read_rows(self, hook: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of one hook as a tensor of the logical dtype."""
+        """Rows [start, stop) of one hook as a tensor of the logical dtype (float32 for an int8 cache)."""
+        if self.dtype in QUANTIZED_DTYPES:
+            return dequantize(torch.from_numpy(self._read(acts_path(hook), start, stop)),
+                              torch.from_numpy(self._read(scales_path(hook), start, stop)))
         return from_storage(self._read(acts_path(hook), start, stop), self.dtype)
 
     def read_tokens(self, start: int, stop: int) -> np.ndarray:
@@ -267,8 +288,9 @@ def open_cache(path: str | Path) -> Cache:
 def _check_array(cache: Cache, name: str) -> None:
     """The array's dtype and shape are the ones the attributes promise: a foreign cache that disagrees is named."""
     array = cache.array(name)
-    shape = (cache.n_tokens,) if name == TOKENS else (cache.n_tokens, cache.d_model)
-    dtype = np.dtype(np.int32) if name == TOKENS else np.dtype(STORAGE_DTYPE[cache.dtype])
+    scales = name.startswith(scales_path(""))  # an int8 cache's (n_tokens, 1) float32 scales
+    shape = {TOKENS: (cache.n_tokens,)}.get(name, (cache.n_tokens, 1 if scales else cache.d_model))
+    dtype = np.dtype({TOKENS: np.int32}.get(name, np.float32 if scales else STORAGE_DTYPE[cache.dtype]))
     if array.ndim != len(shape) or array.shape[0] < shape[0] or array.shape[1:] != shape[1:] or array.dtype != dtype:
         raise CacheError(f"the array {name} of {cache.path} is {array.dtype} {array.shape}, but the attributes call for "
                          f"{dtype} with at least {shape[0]:,} rows" + (f" of {shape[1]}" if len(shape) > 1 else ""))
@@ -293,8 +315,13 @@ def file_sha256(file: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def hook_arrays(meta: dict[str, Any], hook: str) -> list[str]:
+    """The arrays that hold one hook's rows: its activations, and an int8 cache's scales."""
+    return [acts_path(hook)] + ([scales_path(hook)] if meta["dtype"] in QUANTIZED_DTYPES else [])
+
+
 def array_names(meta: dict[str, Any]) -> list[str]:
-    return [acts_path(h) for h in meta["hooks"]] + [TOKENS]
+    return [name for h in meta["hooks"] for name in hook_arrays(meta, h)] + [TOKENS]
 
 
 def check_rows(cache: Cache, names: list[str], rows: tuple[int, int], checksums: bool = True) -> list[str]:

@@ -39,9 +39,9 @@ from sae_cache.sae_common.cache_format import (
     compressors,
     file_sha256,
     open_cache,
-    shard_file,
 )
 from sae_cache.sae_common.files import Locked, acquire_lock
+from sae_cache.sae_common.quantize import QUANTIZED_DTYPES, QuantizedRows, scales_path
 
 LOCK_FILE = ".writer.lock"
 PARTIAL = "*.partial"  # zarr's LocalStore writes each file as <name>.<uuid>.partial, then renames it
@@ -137,9 +137,10 @@ class CacheWriter:
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
 
-    def write_shard(self, acts: dict[str, np.ndarray], tokens: np.ndarray, progress: dict[str, Any]) -> int:
+    def write_shard(self, acts: dict[str, np.ndarray | QuantizedRows], tokens: np.ndarray, progress: dict[str, Any]) -> int:
         """Append the next shard (every hook's rows and the tokens), then record it. Returns bytes written.
 
+        `acts` holds what `to_storage` makes for the cache's dtype: arrays, or an int8 cache's codes and scales.
         Only the last shard of a cache may be shorter than `rows_per_shard`; `progress` is merged into the
         attributes with the record (e.g. how far into the dataset this shard reaches).
         """
@@ -204,12 +205,16 @@ def array_specs(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     specs = {acts_path(h): {"shape": (n, d), "dtype": STORAGE_DTYPE[dtype], "chunks": (rows_c, d),
                             "shards": (rows_s, d), "compressors": compressors(meta["compression"], dtype),
                             "fill_value": 0} for h in meta["hooks"]}
+    if dtype in QUANTIZED_DTYPES:  # each row's scale, beside its codes
+        for h in meta["hooks"]:
+            specs[scales_path(h)] = {"shape": (n, 1), "dtype": np.float32, "chunks": (rows_c, 1), "shards": (rows_s, 1),
+                                     "compressors": compressors(meta["compression"], "float32"), "fill_value": 0}
     specs[TOKENS] = {"shape": (n,), "dtype": np.int32, "chunks": (rows_c,), "shards": (rows_s,),
                      "compressors": compressors(meta["compression"], "float32"), "fill_value": 0}
     return specs
 
 
-def write_shard_files(path: Path, meta: dict[str, Any], index: int, acts: dict[str, np.ndarray],
+def write_shard_files(path: Path, meta: dict[str, Any], index: int, acts: dict[str, np.ndarray | QuantizedRows],
                       tokens: np.ndarray) -> tuple[dict[str, str], int]:
     """Write shard `index`'s file of every array whole, recording nothing; returns (SHA-256 per array, bytes).
 
@@ -220,8 +225,11 @@ def write_shard_files(path: Path, meta: dict[str, Any], index: int, acts: dict[s
     recreate a cache that rank 0 has just removed."""
     n = len(tokens)
     assert 0 < n <= meta["layout"]["rows_per_shard"]
-    assert all(a.shape == (n, meta["d_model"]) for a in acts.values())
-    data = {acts_path(h): a for h, a in acts.items()} | {TOKENS: tokens.astype(np.int32, copy=False)}
+    data = {TOKENS: tokens.astype(np.int32, copy=False)}
+    for h, a in acts.items():  # `acts` holds what `to_storage` makes: arrays, or an int8 cache's codes and scales
+        data |= ({acts_path(h): a.codes_ND, scales_path(h): a.scales_N1} if isinstance(a, QuantizedRows)
+                 else {acts_path(h): a})
+    assert all(len(a) == n for a in data.values()) and all(data[acts_path(h)].shape[1] == meta["d_model"] for h in acts)
     sha, written = {}, 0
     for name, spec in array_specs({**meta, "n_tokens": n}).items():
         encoded: dict = {}

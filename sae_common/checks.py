@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from sae_cache.sae_common.errors import ConfigError
 
-STORED_DTYPES = ("bfloat16", "float16", "float32")
+STORED_DTYPES = ("bfloat16", "float16", "float32", "int8")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPRESSIONS = ("zstd", "lz4", "none")
 INPUT_NORMS = ("none", "standardize", "scalar")

@@ -328,14 +328,14 @@ def cache() -> None:
 @user_errors
 def info(path: Path, as_json: bool) -> None:
     """What is in a cache: model, hooks, tokens, size on disk and compression ratio."""
-    from sae_cache.sae_common.cache_format import itemsize, open_cache
+    from sae_cache.sae_common.cache_format import open_cache, row_bytes
 
     c = open_cache(path)
     if as_json:
         click.echo(json.dumps(c.meta, indent=2))
         return
     disk = c.disk_bytes()
-    raw = c.n_tokens * (len(c.hooks) * c.d_model * itemsize(c.dtype) + 4)
+    raw = c.n_tokens * (len(c.hooks) * row_bytes(c.d_model, c.dtype) + 4)
     state = "complete" if c.meta.get("complete") else ("dataset ran out" if c.meta.get("exhausted") else "incomplete")
     if "complete" not in c.meta:  # a cache written by another tool: its n_tokens rows are complete by definition
         state = "no completion record"

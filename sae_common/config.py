@@ -91,7 +91,8 @@ class HarvestConfig:
     seed: int = 0
     """Seed of the --shuffle-buffer document shuffle."""
     dtype: str = "bfloat16"
-    """Stored dtype: bfloat16, float16 or float32."""
+    """Stored dtype: bfloat16, float16, float32, or int8 (codes and a float32 scale per token, read back as float32
+    by train and eval; README.md, "The 8-bit cache")."""
     model_dtype: str = "auto"
     """Dtype the model runs in: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16."""
     compression: str = "zstd"

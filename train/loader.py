@@ -11,7 +11,8 @@ Chunks are decoded by a thread pool (Blosc releases the GIL) one window ahead of
 straight from the shard files into the window's buffer (sae_common/chunk_reader.py), each chunk checked against
 its CRC32C (or, in caches written before chunks carried one, its shard's SHA-256 on first touch) before its rows
 are used; a damaged chunk stops training with the file named. One more thread gathers batches and keeps
-`prefetch` of them ready, so decoding overlaps the training step.
+`prefetch` of them ready, so decoding overlaps the training step. An int8 cache's rows travel as codes with their
+per-row scales (a quarter of float32's bytes to a GPU) and are dequantised on the GPU, or on the CPU by that thread.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sae_cache.sae_common.cache_format import TORCH_DTYPE, Cache, damaged, stora
 from sae_cache.sae_common.chunk_reader import ChunkDamaged, ChunkReader
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.holdout import training_ranges
+from sae_cache.sae_common.quantize import QUANTIZED_DTYPES, dequantize, scales_path
 
 
 # -- the stream: pure functions of the seed and the geometry ---------------------------------------------
@@ -91,6 +93,9 @@ class ActivationLoader:
             raise ValueError(f"batch_size ({batch_size}), workers ({workers}) and prefetch ({prefetch}) must be >= 1")
         self.array, self.path, self.cache_dtype = cache.acts(hook), cache.path, cache.dtype
         self.reader = ChunkReader(self.array, shard_digests(cache, self.array.path))
+        # An int8 cache: each row's scale, read chunk by chunk beside the codes (same rows per chunk).
+        self.scales = (ChunkReader(cache.array(scales_path(hook)), shard_digests(cache, scales_path(hook)))
+                       if cache.dtype in QUANTIZED_DTYPES else None)
         self.rows, self.d_model = rows, cache.d_model
         self.rows_per_chunk = self.reader.rows_per_chunk
         self.spans_U2 = np.concatenate([chunk_spans(r, self.rows_per_chunk) for r in rows])
@@ -147,16 +152,19 @@ class ActivationLoader:
         producer.start()
         try:
             for _ in range(len(self)):
-                x_BD = batches.get()
-                if isinstance(x_BD, BaseException):
-                    raise x_BD
-                if self.part_rows != (0, self.batch_size):
+                got = batches.get()
+                if isinstance(got, BaseException):
+                    raise got
+                x_BD, scales_B1 = got
+                if self.part_rows != (0, self.batch_size):  # a data-parallel rank's slice of the global batch
                     x_BD = x_BD[self.part_rows[0]:self.part_rows[1]]
+                    scales_B1 = None if scales_B1 is None else scales_B1[self.part_rows[0]:self.part_rows[1]]
                 if self.device.type == "cuda":
                     # Copy the pinned storage-dtype rows first and convert on the GPU: `.to(device, dtype)` would
                     # convert on the CPU into unpinned memory, doubling the bytes and making the copy synchronous.
                     x_BD = x_BD.to(self.device, non_blocking=True)
-                yield x_BD.to(self.dtype)
+                    scales_B1 = None if scales_B1 is None else scales_B1.to(self.device, non_blocking=True)
+                yield x_BD.to(self.dtype) if scales_B1 is None else dequantize(x_BD, scales_B1, self.dtype)
         finally:
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -175,53 +183,70 @@ class ActivationLoader:
             B, wanted = self.batch_size, len(self) * self.batch_size  # rows still to hand out
             # Two window buffers take turns (one served, one being decoded into): a fresh buffer per window
             # would cost the kernel a page fault per 4 KiB, which halved the decode rate (bench/loader_bench.py).
-            buffers = [torch.empty(0), torch.empty(0)]
+            buffers = [(torch.empty(0), torch.empty(0)), (torch.empty(0), torch.empty(0))]
             pending = self._submit(pool, epoch, window, buffers, 0)
             x_BD, filled, turn = None, 0, 1
             while wanted and not stop.is_set():
-                window_RD, order_R = self._collect(pending)
+                window_RD, scales_R1, order_R = self._collect(pending)
                 if len(window_RD) - offset < wanted:  # decode the next window while this one is served
                     epoch, window = (epoch, window + 1) if window + 1 < len(self.windows(epoch)) else (epoch + 1, 0)
                     pending, turn = self._submit(pool, epoch, window, buffers, turn), 1 - turn
                 while offset < len(window_RD) and wanted:
                     if x_BD is None:
-                        x_BD = torch.empty((B, self.d_model), dtype=window_RD.dtype, pin_memory=self.device.type == "cuda")
+                        pin = self.device.type == "cuda"
+                        x_BD = torch.empty((B, self.d_model), dtype=window_RD.dtype, pin_memory=pin)
+                        scales_B1 = None if scales_R1 is None else torch.empty((B, 1), pin_memory=pin)
                     take = min(B - filled, len(window_RD) - offset)
-                    torch.index_select(window_RD, 0, order_R[offset:offset + take], out=x_BD[filled:filled + take])
+                    order_T = order_R[offset:offset + take]
+                    torch.index_select(window_RD, 0, order_T, out=x_BD[filled:filled + take])
+                    if scales_R1 is not None:
+                        torch.index_select(scales_R1, 0, order_T, out=scales_B1[filled:filled + take])
                     offset, filled, wanted = offset + take, filled + take, wanted - take
                     if filled == B:
-                        if not put_unless_stopped(batches, x_BD, stop):
+                        if scales_B1 is not None and self.device.type == "cpu":  # here, overlapping the step
+                            x_BD, scales_B1 = dequantize(x_BD, scales_B1, self.dtype), None
+                        if not put_unless_stopped(batches, (x_BD, scales_B1), stop):
                             return
                         x_BD, filled = None, 0
                 offset = 0
         except BaseException as e:  # surfaces in the consumer, with the chunk named by `_read_chunk`
             put_unless_stopped(batches, e, stop)
 
-    def _submit(self, pool: ThreadPoolExecutor, epoch: int, window: int, buffers: list[torch.Tensor], turn: int) -> tuple:
-        """Start decoding a window's chunks into `buffers[turn]` (grown if short), in the window's chunk order."""
+    def _submit(self, pool: ThreadPoolExecutor, epoch: int, window: int, buffers: list[tuple], turn: int) -> tuple:
+        """Start decoding a window's chunks into `buffers[turn]` (rows and, for an int8 cache, scales; grown if
+        short), in the window's chunk order."""
         spans_W2 = self.spans_U2[self.windows(epoch)[window]]
         lengths = spans_W2[:, 1] - spans_W2[:, 0]
         n_rows = int(lengths.sum())
-        if len(buffers[turn]) < n_rows:
-            buffers[turn] = torch.empty((n_rows, self.d_model), dtype=TORCH_DTYPE[self.cache_dtype])
-        window_RD = buffers[turn][:n_rows]
+        if len(buffers[turn][0]) < n_rows:
+            buffers[turn] = (torch.empty((n_rows, self.d_model), dtype=TORCH_DTYPE[self.cache_dtype]),
+                             torch.empty((n_rows if self.scales is not None else 0, 1)))
+        window_RD, scales_R1 = (b[:n_rows] for b in buffers[turn])
         at = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         futures = [pool.submit(self._read_chunk, window_RD, int(a), int(s), int(e)) for a, (s, e) in zip(at, spans_W2)]
-        return epoch, window, window_RD, futures
+        if self.scales is not None:
+            futures += [pool.submit(self._read_chunk, scales_R1, int(a), int(s), int(e), self.scales)
+                        for a, (s, e) in zip(at, spans_W2)]
+        return epoch, window, window_RD, scales_R1 if self.scales is not None else None, futures
 
-    def _collect(self, pending: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, window, window_RD, futures = pending
+    def _collect(self, pending: tuple) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        epoch, window, window_RD, scales_R1, futures = pending
         for future in futures:
             future.result()
-        return window_RD, torch.from_numpy(window_order(self.seed, epoch, window, len(window_RD)))
+        return window_RD, scales_R1, torch.from_numpy(window_order(self.seed, epoch, window, len(window_RD)))
 
-    def _read_chunk(self, window_RD: torch.Tensor, at: int, start: int, stop: int) -> None:
+    def _read_chunk(self, window_RD: torch.Tensor, at: int, start: int, stop: int, reader: ChunkReader | None = None) -> None:
+        """Rows [start, stop) of the activations (or, given their `reader`, an int8 cache's scales) into the window."""
         try:
-            self.reader.read(start, stop, storage_view(window_RD[at:at + stop - start], self.cache_dtype))
+            if reader is None:
+                self.reader.read(start, stop, storage_view(window_RD[at:at + stop - start], self.cache_dtype))
+            else:
+                reader.read(start, stop, window_RD[at:at + stop - start].numpy())
         except ChunkDamaged as e:  # it names the rows, chunk, shard and file
             raise damaged(self.path, [str(e)]) from e
         except Exception as e:
-            raise damaged(self.path, [f"rows {start}:{stop} (chunk {start // self.rows_per_chunk}) of {self.array.path} "
+            array = (reader or self.reader).array
+            raise damaged(self.path, [f"rows {start}:{stop} (chunk {start // self.rows_per_chunk}) of {array.path} "
                                       f"could not be read: {type(e).__name__}: {e}"]) from e
 
 
