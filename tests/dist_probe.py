@@ -22,7 +22,7 @@ def main(mode: str) -> None:
     seen = {"rank": w.rank, "size": w.size, "gathered": D.all_gather_object(f"r{w.rank}"),
             "broadcast": D.broadcast_object({"from": w.rank}), "sum": D.all_reduce_(t.clone()).item(),
             "max": D.all_reduce_(t.clone(), "max").item(), "min": D.all_reduce_(t.clone(), "min").item(),
-            "shard": list(D.shard(5))}
+            "shard": list(D.shard(5)), "any": [D.any_rank(w.rank == 1), D.any_rank(False)]}
     D.barrier()  # under "die"/"raise" the survivor waits here until torchrun stops it
     os.write(1, (json.dumps(seen) + "\n").encode())  # one write: the two ranks share the pipe
     D.shutdown()

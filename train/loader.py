@@ -66,12 +66,15 @@ class ActivationLoader:
     shuffle_tokens: rows per shuffle window, rounded to whole chunks; two windows are held in memory.
     workers: threads decoding chunks; prefetch: batches kept ready ahead of the consumer.
     start_batch: resume here; batches start_batch..n_batches-1 are yielded, equal to an uninterrupted run's.
+    part: (rank, size) yields only rows [rank*B//size, (rank+1)*B//size) of each batch of B: this rank's slice
+    of the global batch a one-process run sees (data-parallel training); (0, 1) yields whole batches.
     Iterating starts fresh background threads each time; closing or dropping the iterator stops them.
     """
 
     def __init__(self, cache: Cache, hook: str, *, batch_size: int, n_batches: int, rows: tuple[int, int] | None = None,
                  seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 shuffle_tokens: int = TrainConfig.shuffle_tokens, workers: int = 2, prefetch: int = 4, start_batch: int = 0):
+                 shuffle_tokens: int = TrainConfig.shuffle_tokens, workers: int = 2, prefetch: int = 4, start_batch: int = 0,
+                 part: tuple[int, int] = (0, 1)):
         start, stop = rows = (0, holdout_start(cache)) if rows is None else rows
         if not 0 <= start < stop <= cache.n_tokens:
             raise ValueError(f"rows {rows} is not a non-empty range inside the cache's {cache.n_tokens} rows")
@@ -79,6 +82,10 @@ class ActivationLoader:
             raise ValueError(f"start_batch={start_batch} must be between 0 and n_batches={n_batches}")
         if batch_size < 1 or workers < 1 or prefetch < 1:
             raise ValueError(f"batch_size ({batch_size}), workers ({workers}) and prefetch ({prefetch}) must be >= 1")
+        rank, size = part
+        if not 0 <= rank < size <= batch_size:
+            raise ValueError(f"part={part} must be (rank, size) with 0 <= rank < size <= batch_size ({batch_size})")
+        self.slice = slice(rank * batch_size // size, (rank + 1) * batch_size // size)
         self.array, self.path, self.cache_dtype = cache.acts(hook), cache.path, cache.dtype
         self.reader = ChunkReader(self.array, shard_digests(cache, self.array.path))
         self.rows, self.d_model = rows, cache.d_model
@@ -113,10 +120,11 @@ class ActivationLoader:
         return epoch, window, offset - (int(ends[window - 1]) if window else 0)
 
     def source_rows(self, batch: int, rows_in_batch: list[int]) -> list[int]:
-        """Cache row indices of some rows of batch `batch` (to name bad data); decodes nothing."""
+        """Cache row indices of some rows of batch `batch` as yielded (this part's; to name bad data); decodes
+        nothing."""
         found = []
         for i in rows_in_batch:
-            epoch, window, offset = self.locate(batch * self.batch_size + i)
+            epoch, window, offset = self.locate(batch * self.batch_size + self.slice.start + i)
             spans_W2 = self.spans_U2[self.windows(epoch)[window]]
             lengths = spans_W2[:, 1] - spans_W2[:, 0]
             r = int(window_order(self.seed, epoch, window, int(lengths.sum()))[offset])
@@ -137,6 +145,7 @@ class ActivationLoader:
                 x_BD = batches.get()
                 if isinstance(x_BD, BaseException):
                     raise x_BD
+                x_BD = x_BD[self.slice]  # a view: the rows of the other parts are gathered but never copied on
                 if self.device.type == "cuda":
                     # Copy the pinned storage-dtype rows first and convert on the GPU: `.to(device, dtype)` would
                     # convert on the CPU into unpinned memory, doubling the bytes and making the copy synchronous.
