@@ -201,7 +201,9 @@ def train(out: Path | None, **options: Any) -> None:
     for key in ("archs", "ks", "dict_sizes", "expansions", "l1_coeffs", "l0_coeffs", "lrs", "group_fractions"):
         if not options[key]:
             options[key] = default(TrainConfig, key)
-    click.echo(str(run_train(TrainConfig(**options), out)))
+    run_dir = run_train(TrainConfig(**options), out)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        click.echo(str(run_dir))
 
 
 

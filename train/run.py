@@ -19,6 +19,7 @@ from sae_cache.sae_common.cache_format import (DEFAULT_ROOT, Cache, CacheError, 
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.console import make_console
+from sae_cache.sae_common.distributed import World, barrier, broadcast_object, rank_device, shard, world
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.files import Locked, acquire_lock
 from sae_cache.sae_common.model import resolve_device
@@ -34,7 +35,7 @@ LOCK_FILE = ".train.lock"  # in the run directory: held by the `sae train` writi
 
 def pick_cache(cfg: TrainConfig, console: Console, root: Path = DEFAULT_ROOT) -> Cache:
     if cfg.cache is None:
-        found = find_caches(root)
+        found = broadcast_object(find_caches(root))  # under torchrun, rank 0's choice: a harvest may finish meanwhile
         if not found:
             raise UserError(f"no activation cache under {root}/; run `sae harvest` first or pass --cache")
         console.print(f"using the newest cache under {root}/: {found[0]}")
@@ -88,26 +89,55 @@ def check_resume(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     return state
 
 
-def build_members(entries: list[SweepEntry], device: str, seed: int, dtype: str = "float32") -> list[Member]:
+def build_members(entries: list[SweepEntry], device: str, seed: int, dtype: str = "float32",
+                  keep: range | None = None) -> list[Member]:
+    """The SAEs of `keep` (indices of `entries`; default all). The others are initialised too, in order, and
+    dropped, so each SAE starts from the weights a one-process run of the whole sweep gives it."""
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype {dtype!r} is not supported for training; use float32 or bfloat16")
     torch.manual_seed(seed)
     members = []
-    for e in entries:
-        sae = SAE(e.sae).to(device)
+    for i, e in enumerate(entries):
+        sae = SAE(e.sae)  # on the CPU, from the one seeded generator, whatever the device
+        if keep is not None and i not in keep:
+            continue
+        sae = sae.to(device)
         # fused: one kernel per step for all parameters (measured 11x faster than the default on CPU)
         opt = torch.optim.Adam(sae.parameters(), lr=e.lr, betas=(0.9, 0.99), fused=True)
         members.append(Member(e.name, sae, opt, autocast=torch.bfloat16 if dtype == "bfloat16" else None))
     return members
 
 
+def parallel_mode(choice: str, n_saes: int, w: World) -> str:
+    """How the ranks share the work: "sweep" (each rank trains its share of the SAEs on every batch) or "data"
+    (each rank a slice of every batch). auto: sweep while every rank gets an SAE, as it needs no
+    communication per step; data for fewer SAEs than ranks. One process is a sweep of one rank."""
+    if not w.active:
+        return "sweep"
+    if choice == "auto":
+        return "sweep" if n_saes >= w.size else "data"
+    return choice
+
+
+def train_data_parallel(cfg: TrainConfig, out: Path | None, console: Console) -> Path:
+    raise UserError("--parallel data is not built yet; use --parallel sweep (every rank needs an SAE of the sweep)")
+
+
 def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = None) -> Path:
-    """Train (or resume) the sweep; returns the run directory."""
+    """Train (or resume) the sweep; returns the run directory. Under torchrun, sweep-parallel: this rank trains
+    its round-robin share of the SAEs (distributed.shard) on every batch, writing only their files."""
     console = console or make_console()
-    device = resolve_device(cfg.device)  # the config checked each value; what needs the machine or the cache is here
+    # the config checked each value; what needs the machine or the cache is here
+    device = rank_device(resolve_device(cfg.device))
     cache = pick_cache(cfg, console)
     hook = pick_hook(cfg, cache)
     entries = expand(cfg, cache.d_model)
+    if parallel_mode(cfg.parallel, len(entries), world()) == "data":
+        return train_data_parallel(cfg, out, console)
+    if len(entries) < world().size:
+        console.print(f"[yellow]--parallel sweep: {len(entries)} SAE(s) for {world().size} ranks; ranks "
+                      f"{len(entries)}..{world().size - 1} read the batches but train nothing[/]")
+    names = [e.name for e in entries]
     run_dir = Path(out) if out is not None else default_run_dir(cfg, cache, hook)
     check_output_dir(run_dir)
     rows = (0, holdout_start(cache, cfg.holdout_fraction))
@@ -120,11 +150,11 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
                       "without bf16 units (bench/train_bench.py); float32 is the CPU's fast path[/]")
     with run_lock(run_dir):
         state = check_resume(run_dir, cfg.identity())
-        members = build_members(entries, device, cfg.seed, cfg.dtype)
+        members = build_members(entries, device, cfg.seed, cfg.dtype, keep=shard(len(entries)))
         saved = [state["batches_done"] if state else None]  # the checkpoint a failure leaves
 
         def save(done: int) -> None:
-            save_checkpoint(run_dir, members, done, {"identity": cfg.identity()})
+            save_checkpoint(run_dir, members, done, {"identity": cfg.identity()}, names=names)
             saved[0] = done
 
         try:
@@ -132,16 +162,18 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
             # absolute, so that eval finds the cache from any directory
             run_info = {"config": cfg.to_dict(), "cache": os.path.abspath(cache.path), "hook": hook,
                         "model": cache.meta["model"], "holdout_start": rows[1], "n_batches": n_batches,
-                        "saes": [m.name for m in members]}
-            write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
+                        "saes": names}
+            if world().is_main:
+                write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
             loader, batches = open_stream(cache, hook, cfg, rows, n_batches, start, device, members, console)
-            console.print(f"training {len(members)} SAE(s) on {hook} of {cache.path} for {n_batches:,} batches of "
+            shared = f" shared by {world().size} ranks (sweep-parallel)" if world().active else ""
+            console.print(f"training {len(names)} SAE(s){shared} on {hook} of {cache.path} for {n_batches:,} batches of "
                           f"{cfg.batch_size:,} tokens into {run_dir}")
             done = train_loop(members, batches, start_batch=start, n_batches=n_batches, batch_size=cfg.batch_size,
                               log_every=cfg.log_every, run_dir=run_dir, save=save, source_rows=loader.source_rows,
                               checkpoint_every_batches=max(1, cfg.checkpoint_every // cfg.batch_size),
-                              console=console)
-            export(members, entries, run_dir, cache, hook, cfg, run_info, done)
+                              console=console, names=names)
+            export(members, [entries[i] for i in shard(len(entries))], run_dir, cache, hook, cfg, run_info, done)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -149,7 +181,7 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
                     else "no checkpoint was written yet")
             raise TrainingError(f"the disk holding {run_dir} is full: training stopped; {kept}. Free some space and "
                                 "run the same command again to resume") from None
-    console.print(f"[green]done[/]: {len(members)} SAE(s) in {run_dir}")
+    console.print(f"[green]done[/]: {len(names)} SAE(s) in {run_dir}")
     return run_dir
 
 
@@ -173,17 +205,24 @@ def open_stream(cache: Cache, hook: str, cfg: TrainConfig, rows: tuple[int, int]
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One `sae train` per run directory: two would interleave checkpoints and history (an flock, released by
-    the kernel when the holder dies, kill -9 included)."""
+    the kernel when the holder dies, kill -9 included). Under torchrun rank 0 holds it for the job (ranks on
+    one node would lock each other out), and every rank learns whether it got it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = acquire_lock(run_dir / LOCK_FILE)
-    except Locked as e:
-        raise UserError(f"another `sae train` (pid {e.holder}) is training in {run_dir}; wait for it to finish or "
-                        "stop it, then run again") from None
+    fd, holder = None, None
+    if world().is_main:
+        try:
+            fd = acquire_lock(run_dir / LOCK_FILE)
+        except Locked as e:
+            holder = e.holder
+    holder = broadcast_object(holder)
+    if holder is not None:
+        raise UserError(f"another `sae train` (pid {holder}) is training in {run_dir}; wait for it to finish or "
+                        "stop it, then run again")
     try:
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def resume(run_dir: Path, members: list[Member], state: dict[str, Any] | None, batch_size: int, n_batches: int,
@@ -204,7 +243,8 @@ def resume(run_dir: Path, members: list[Member], state: dict[str, Any] | None, b
 
 def export(members: list[Member], entries: list[SweepEntry], run_dir: Path, cache: Cache, hook: str,
            cfg: TrainConfig, run_info: dict[str, Any], done: int) -> None:
-    """Save every trained SAE (SAELens files and our record), then mark the run complete."""
+    """Save every trained SAE of this rank (SAELens files and our record), then, once every rank saved its
+    own, rank 0 marks the run complete."""
     for m, e in zip(members, entries):
         save_sae(m.sae, run_dir / m.name, model_name=cache.meta["model"], hook_name=hook,
                  extra_record={"train_config": cfg.to_dict(), "lr": e.lr, "cache": run_info["cache"],
@@ -212,4 +252,6 @@ def export(members: list[Member], entries: list[SweepEntry], run_dir: Path, cach
                                "final_metrics": m.last, "context_size": cache.meta["context_size"],
                                "prepend_bos": cache.meta["prepend_bos"],
                                "dataset_path": (cache.meta.get("dataset") or {}).get("source")})
-    write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": True, "tokens_trained": done * cfg.batch_size})
+    barrier()
+    if world().is_main:
+        write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": True, "tokens_trained": done * cfg.batch_size})
