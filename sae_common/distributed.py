@@ -168,6 +168,24 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+_CPU_GROUP: Any = None  # a gloo group beside an NCCL one, for flags the host must read without a GPU sync
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: ranks agree on a stop (Ctrl-C reached one of them) at the
+    same step. The flag travels on the CPU (gloo; a side group under NCCL), so reading it never waits for
+    the GPU's queued work; bench/scaling_bench.py measures its cost per call."""
+    global _CPU_GROUP
+    if not world().active:
+        return flag
+    with _guard("all_reduce (stop flag)"):
+        if _CPU_GROUP is None:
+            _CPU_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
+    return bool(t.item())
+
+
 def shard(n: int, w: World | None = None) -> range:
     """This rank's items of 0..n-1, round-robin (rank r takes r, r+size, ...), so ranks differ by at most one."""
     w = w or world()
@@ -176,7 +194,7 @@ def shard(n: int, w: World | None = None) -> range:
 
 def shutdown() -> None:
     """Leave the process group (at the end of a command; torchrun's workers then exit cleanly)."""
-    global _WORLD
+    global _WORLD, _CPU_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
-    _WORLD = None
+    _WORLD = _CPU_GROUP = None

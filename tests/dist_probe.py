@@ -23,7 +23,8 @@ def main(mode: str) -> None:
     seen = {"rank": w.rank, "size": w.size, "gathered": D.all_gather_object(f"r{w.rank}"),
             "broadcast": D.broadcast_object({"from": w.rank}), "sum": D.all_reduce_(t.clone()).item(),
             "max": D.all_reduce_(t.clone(), "max").item(), "min": D.all_reduce_(t.clone(), "min").item(),
-            "shard": list(D.shard(5)), "all_gather": D.all_gather(torch.tensor([w.rank, 10 + w.rank])).tolist()}
+            "shard": list(D.shard(5)), "all_gather": D.all_gather(torch.tensor([w.rank, 10 + w.rank])).tolist(),
+            "any": [D.any_rank(w.rank == 1), D.any_rank(False)]}
     if mode == "collectives":  # a background thread gathers on its own group while the main thread gathers
         side, box = D.side_group(), {}
         thread = threading.Thread(target=lambda: box.update(side=D.all_gather_object(f"s{w.rank}", side)))

@@ -17,6 +17,7 @@ def test_one_process_is_a_world_of_one_and_collectives_are_identities() -> None:
     assert D.all_gather_object("x") == ["x"] and D.broadcast_object(7) == 7
     t = torch.tensor([2.0])
     assert D.all_reduce_(t, "max") is t and t.item() == 2.0
+    assert D.any_rank(True) and not D.any_rank(False)
     assert list(D.shard(5)) == [0, 1, 2, 3, 4]
     assert D.all_gather(torch.tensor([1.0, 2.0])).tolist() == [[1.0, 2.0]]
 
@@ -38,6 +39,7 @@ def test_two_ranks_see_each_other() -> None:
         assert (s["sum"], s["max"], s["min"]) == (3.0, 2.0, 1.0)
         assert s["all_gather"] == [[0, 10], [1, 11]]
         assert s["side"] == ["s0", "s1"] and s["main_beside"] == ["m0", "m1"]  # side_group beside the main one
+        assert s["any"] == [True, False]  # rank 1's flag reaches rank 0; no flag anywhere stays false
     assert seen[0]["shard"] == [0, 2, 4] and seen[1]["shard"] == [1, 3]
 
 

@@ -112,6 +112,19 @@ def test_resume_decodes_nothing_before_its_window(cache):
     assert epoch == 1 and sorted(read) == sorted(windows[window] + (windows[window + 1] if straddles else []))
 
 
+@pytest.mark.parametrize("size", [2, 3])  # 90 rows in 2 equal parts, and in 3 parts
+def test_parts_of_each_batch_concatenate_to_the_whole_batch(cache, size):
+    kw = dict(batch_size=90, n_batches=12, seed=4, shuffle_tokens=256, start_batch=3)
+    whole = list(ActivationLoader(cache, HOOK, **kw))
+    parts = [list(ActivationLoader(cache, HOOK, part=(r, size), **kw)) for r in range(size)]
+    assert [len(p) for p in parts] == [9] * size
+    assert all(torch.equal(torch.cat([p[i] for p in parts]), w) for i, w in enumerate(whole))
+    assert [len(p[0]) for p in parts] == [90 * (r + 1) // size - 90 * r // size for r in range(size)]
+    last = ActivationLoader(cache, HOOK, part=(size - 1, size), **kw)  # names its rows in the cache, not the part's
+    first_row = 90 * (size - 1) // size
+    assert last.source_rows(5, [0, 1]) == ActivationLoader(cache, HOOK, **kw).source_rows(5, [first_row, first_row + 1])
+
+
 def test_seed_determines_the_order(cache):
     kw = dict(batch_size=64, n_batches=3, shuffle_tokens=256)
     a, again, b = (torch.cat(list(ActivationLoader(cache, HOOK, seed=s, **kw))) for s in (0, 0, 1))
@@ -179,5 +192,7 @@ def test_bad_arguments_are_named(cache):
         ActivationLoader(cache, HOOK, batch_size=8, n_batches=1, rows=(0, 2001))
     with pytest.raises(ValueError, match="start_batch=5"):
         ActivationLoader(cache, HOOK, batch_size=8, n_batches=4, start_batch=5)
+    with pytest.raises(ValueError, match=r"part=\(2, 2\)"):
+        ActivationLoader(cache, HOOK, batch_size=8, n_batches=4, part=(2, 2))
     with pytest.raises(CacheError, match="blocks.9"):
         ActivationLoader(cache, "blocks.9.hook_resid_post", batch_size=8, n_batches=1)

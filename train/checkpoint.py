@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as serialize
 
 from sae_cache.sae_common.cache_format import file_sha256
+from sae_cache.sae_common.distributed import all_gather_object, broadcast_object, world
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.files import write_atomic
 
@@ -47,22 +48,22 @@ def _flatten(sae: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str
     return tensors, {"param_groups": opt_state["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, members: list[Any], batches_done: int, extra: dict[str, Any]) -> None:
+def save_checkpoint(run_dir: Path, members: list[Any], batches_done: int, extra: dict[str, Any],
+                    names: list[str] | None = None) -> None:
     """Write every member's state at `batches_done`, then point state.json at it, then drop older files.
 
     If a write fails (a full disk), the files of this checkpoint are removed again, so they take no space,
-    and the previous checkpoint stays the one state.json names, whole.
+    and the previous checkpoint stays the one state.json names, whole. Under torchrun (sweep-parallel) each
+    rank writes its own members' files; rank 0 writes state.json, naming all `names` with every rank's
+    checksums, only once every rank said its files are on disk; each rank drops its older files only once
+    rank 0 said state.json names this batch. Every rank takes part in both collectives, failed or not.
     """
-    written, sha256 = [], {}
+    written: list[Path] = []
     try:
-        for m in members:
-            tensors, meta = _flatten(m.sae, m.opt)
-            file = checkpoint_file(run_dir, m.name, batches_done)
-            written.append(file)
-            sha256[m.name] = write_atomic(file, serialize(tensors, metadata={"optimizer": json.dumps(meta),
-                                                                              "batches_done": str(batches_done)}))
-        write_json_atomic(run_dir / STATE, {**extra, "format": STATE_FORMAT, "batches_done": batches_done,
-                                            "saes": [m.name for m in members], "sha256": sha256})
+        merged = _write_members(run_dir, members, batches_done, written)
+        names = names or [m.name for m in members]
+        _commit_state(run_dir, {**extra, "format": STATE_FORMAT, "batches_done": batches_done, "saes": names,
+                                "sha256": {name: merged[name] for name in names}})  # as one process orders them
     except BaseException:
         if _named_batch(run_dir) != batches_done:
             for file in written:
@@ -72,6 +73,45 @@ def save_checkpoint(run_dir: Path, members: list[Any], batches_done: int, extra:
         for old in (run_dir / m.name).glob("checkpoint-*.safetensors"):
             if old.name != f"checkpoint-{batches_done}.safetensors":
                 old.unlink()
+
+
+def _write_members(run_dir: Path, members: list[Any], batches_done: int, written: list[Path]) -> dict[str, str]:
+    """This rank's checkpoint files; every rank's SHA-256s, once every rank wrote its own."""
+    sha256: dict[str, str] | None = {}
+    failure: BaseException | None = None
+    try:
+        for m in members:
+            tensors, meta = _flatten(m.sae, m.opt)
+            file = checkpoint_file(run_dir, m.name, batches_done)
+            written.append(file)
+            sha256[m.name] = write_atomic(file, serialize(tensors, metadata={"optimizer": json.dumps(meta),
+                                                                              "batches_done": str(batches_done)}))
+    except Exception as e:  # the others still take part in the gather, then learn that this rank failed
+        failure, sha256 = e, None
+    reports = all_gather_object(sha256)
+    if failure is not None:
+        raise failure
+    lost = [r for r, part in enumerate(reports) if part is None]
+    if lost:
+        raise CheckpointError(f"rank(s) {lost} could not write their checkpoint files (their own messages say why); "
+                              "the last complete checkpoint is kept")
+    return {name: digest for part in reports for name, digest in part.items()}
+
+
+def _commit_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Rank 0 writes state.json; every rank learns whether it did."""
+    failure: BaseException | None = None
+    if world().is_main:
+        try:
+            write_json_atomic(run_dir / STATE, state)
+        except Exception as e:
+            failure = e
+    ok = broadcast_object(failure is None)
+    if failure is not None:
+        raise failure
+    if not ok:
+        raise CheckpointError(f"rank 0 could not write {run_dir / STATE} (its own message says why); the last "
+                              "complete checkpoint is kept")
 
 
 def _named_batch(run_dir: Path) -> int | None:

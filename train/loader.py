@@ -70,8 +70,8 @@ class ActivationLoader:
     shuffle_tokens: rows per shuffle window, rounded to whole chunks; two windows are held in memory.
     workers: threads decoding chunks; prefetch: batches kept ready ahead of the consumer.
     start_batch: resume here; batches start_batch..n_batches-1 are yielded, equal to an uninterrupted run's.
-    part: (rank, size) of a data-parallel run: each batch is rank's rows [rank·B/size, (rank+1)·B/size) of the
-    global batch of `batch_size` rows (every rank decodes the whole batch and keeps its slice).
+    part: (rank, size) yields only rows [rank*B//size, (rank+1)*B//size) of each batch of B: this rank's slice
+    of the global batch a one-process run sees (data-parallel training); (0, 1) yields whole batches.
     Iterating starts fresh background threads each time; closing or dropping the iterator stops them.
     """
 
@@ -91,6 +91,10 @@ class ActivationLoader:
             raise ValueError(f"start_batch={start_batch} must be between 0 and n_batches={n_batches}")
         if batch_size < 1 or workers < 1 or prefetch < 1:
             raise ValueError(f"batch_size ({batch_size}), workers ({workers}) and prefetch ({prefetch}) must be >= 1")
+        rank, size = part
+        if not 0 <= rank < size <= batch_size:
+            raise ValueError(f"part={part} must be (rank, size) with 0 <= rank < size <= batch_size ({batch_size})")
+        self.slice = slice(rank * batch_size // size, (rank + 1) * batch_size // size)
         self.array, self.path, self.cache_dtype = cache.acts(hook), cache.path, cache.dtype
         self.reader = ChunkReader(self.array, shard_digests(cache, self.array.path))
         # An int8 cache: each row's scale, read chunk by chunk beside the codes (same rows per chunk).
@@ -103,8 +107,6 @@ class ActivationLoader:
         self.batch_size, self.n_batches, self.start_batch, self.seed = batch_size, n_batches, start_batch, seed
         self.device, self.dtype = torch.device(device), dtype
         self.workers, self.prefetch = workers, prefetch
-        rank, size = part
-        self.part_rows = (rank * batch_size // size, (rank + 1) * batch_size // size)
 
     @property
     def n_rows(self) -> int:
@@ -130,11 +132,11 @@ class ActivationLoader:
         return epoch, window, offset - (int(ends[window - 1]) if window else 0)
 
     def source_rows(self, batch: int, rows_in_batch: list[int]) -> list[int]:
-        """Cache row indices of some rows of batch `batch` (of this rank's part of it) to name bad data; decodes
+        """Cache row indices of some rows of batch `batch` as yielded (this part's; to name bad data); decodes
         nothing."""
         found = []
-        for i in (self.part_rows[0] + i for i in rows_in_batch):
-            epoch, window, offset = self.locate(batch * self.batch_size + i)
+        for i in rows_in_batch:
+            epoch, window, offset = self.locate(batch * self.batch_size + self.slice.start + i)
             spans_W2 = self.spans_U2[self.windows(epoch)[window]]
             lengths = spans_W2[:, 1] - spans_W2[:, 0]
             r = int(window_order(self.seed, epoch, window, int(lengths.sum()))[offset])
@@ -156,9 +158,9 @@ class ActivationLoader:
                 if isinstance(got, BaseException):
                     raise got
                 x_BD, scales_B1 = got
-                if self.part_rows != (0, self.batch_size):  # a data-parallel rank's slice of the global batch
-                    x_BD = x_BD[self.part_rows[0]:self.part_rows[1]]
-                    scales_B1 = None if scales_B1 is None else scales_B1[self.part_rows[0]:self.part_rows[1]]
+                # this part's rows (a view: the rows of the other parts are gathered but never copied on)
+                x_BD = x_BD[self.slice]
+                scales_B1 = None if scales_B1 is None else scales_B1[self.slice]
                 if self.device.type == "cuda":
                     # Copy the pinned storage-dtype rows first and convert on the GPU: `.to(device, dtype)` would
                     # convert on the CPU into unpinned memory, doubling the bytes and making the copy synchronous.

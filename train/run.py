@@ -7,7 +7,7 @@ import hashlib
 import itertools
 import json
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +19,8 @@ from sae_cache.sae_common.cache_format import DEFAULT_ROOT, Cache, CacheError, d
 from sae_cache.sae_common.checks import check_output_dir
 from sae_cache.sae_common.config import TrainConfig
 from sae_cache.sae_common.console import make_console
-from sae_cache.sae_common.distributed import World, all_gather_object, rank_device, world
+from sae_cache.sae_common.distributed import (World, all_gather_object, barrier, broadcast_object, rank_device, shard,
+                                              world)
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.files import Locked, acquire_lock
 from sae_cache.sae_common.holdout import holdout_record, training_ranges
@@ -37,7 +38,7 @@ LOCK_FILE = ".train.lock"  # in the run directory: held by the `sae train` writi
 
 def pick_cache(cfg: TrainConfig, console: Console, root: Path = DEFAULT_ROOT) -> Cache:
     if cfg.cache is None:
-        found = find_caches(root)
+        found = broadcast_object(find_caches(root))  # under torchrun, rank 0's choice: a harvest may finish meanwhile
         if not found:
             raise UserError(f"no activation cache under {root}/; run `sae harvest` first or pass --cache")
         console.print(f"using the newest cache under {root}/: {found[0]}")
@@ -91,36 +92,60 @@ def check_resume(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     return state
 
 
-def build_members(entries: list[SweepEntry], device: str, seed: int, dtype: str = "float32") -> list[Member]:
+def build_members(entries: list[SweepEntry], device: str, seed: int, dtype: str = "float32",
+                  keep: range | None = None) -> list[Member]:
+    """The SAEs of `keep` (indices of `entries`; default all). The others are initialised too, in order, and
+    dropped, so each SAE starts from the weights a one-process run of the whole sweep gives it."""
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype {dtype!r} is not supported for training; use float32 or bfloat16")
     torch.manual_seed(seed)
     members = []
-    for e in entries:
-        sae = SAE(e.sae).to(device)
+    for i, e in enumerate(entries):
+        sae = SAE(e.sae)  # on the CPU, from the one seeded generator, whatever the device
+        if keep is not None and i not in keep:
+            continue
+        sae = sae.to(device)
         # fused: one kernel per step for all parameters (measured 11x faster than the default on CPU)
         opt = torch.optim.Adam(sae.parameters(), lr=e.lr, betas=(0.9, 0.99), fused=True)
         members.append(Member(e.name, sae, opt, autocast=torch.bfloat16 if dtype == "bfloat16" else None))
     return members
 
 
+def parallel_mode(choice: str, n_saes: int, w: World) -> str:
+    """How the ranks share the work: "sweep" (each rank trains its share of the SAEs on every batch) or "data"
+    (each rank a slice of every batch). auto: sweep while every rank gets an SAE, as it needs no
+    communication per step; data for fewer SAEs than ranks. One process is a sweep of one rank."""
+    if not w.active:
+        return "sweep"
+    if choice == "auto":
+        return "sweep" if n_saes >= w.size else "data"
+    return choice
+
+
 def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = None) -> Path:
-    """Train (or resume) the sweep; returns the run directory."""
+    """Train (or resume) the sweep; returns the run directory. Under torchrun, sweep-parallel: this rank trains
+    its round-robin share of the SAEs (distributed.shard) on every batch, writing only their files."""
     console = console or make_console()
-    device = resolve_device(cfg.device)  # the config checked each value; what needs the machine or the cache is here
+    # the config checked each value; what needs the machine or the cache is here (under torchrun: this rank's GPU)
+    device = rank_device(resolve_device(cfg.device))
     if cfg.wandb is not None:
         import_wandb()  # its absence is named before any work
     cache = pick_cache(cfg, console)
     hook = pick_hook(cfg, cache)
     entries = expand(cfg, cache.d_model)
     w = world()
-    data_parallel = parallel_mode(cfg, len(entries), w) == "data"
-    writer = w.is_main or not data_parallel  # data-parallel: rank 0 alone writes the run directory
-    if data_parallel:
-        device = rank_device(device)
-        if cfg.batch_size < w.size:
-            raise UserError(f"--batch-size {cfg.batch_size} cannot be split across {w.size} ranks (--parallel data "
-                            f"gives each rank batch-size/{w.size} rows); use a batch of at least {w.size}")
+    data_parallel = parallel_mode(cfg.parallel, len(entries), w) == "data"
+    # sweep-parallel: each rank trains and writes its round-robin share; data-parallel: every rank trains every
+    # SAE on its slice of each batch, and rank 0 alone writes
+    mine = range(len(entries)) if data_parallel else shard(len(entries))
+    writer = w.is_main or not data_parallel
+    if data_parallel and cfg.batch_size < w.size:
+        raise UserError(f"--batch-size {cfg.batch_size} cannot be split across {w.size} ranks (--parallel data "
+                        f"gives each rank batch-size/{w.size} rows); use a batch of at least {w.size}")
+    if not data_parallel and len(entries) < w.size:
+        console.print(f"[yellow]--parallel sweep: {len(entries)} SAE(s) for {w.size} ranks; ranks "
+                      f"{len(entries)}..{w.size - 1} read the batches but train nothing[/]")
+    names = [e.name for e in entries]
     run_dir = Path(out) if out is not None else default_run_dir(cfg, cache, hook)
     check_output_dir(run_dir)
     rows = training_ranges(cache, cfg.holdout_fraction)
@@ -132,9 +157,9 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
     if cfg.dtype == "bfloat16" and device == "cpu":
         console.print("[yellow]--dtype bfloat16 on the CPU: bf16 matmuls ran 230x slower than float32 on a CPU "
                       "without bf16 units (bench/train_bench.py); float32 is the CPU's fast path[/]")
-    with run_lock(run_dir) if writer else nullcontext():
+    with run_lock(run_dir):
         state = check_resume(run_dir, cfg.identity())
-        members = build_members(entries, device, cfg.seed, cfg.dtype)
+        members = build_members(entries, device, cfg.seed, cfg.dtype, keep=mine)
         if data_parallel:
             same_checkpoint(state, run_dir, w)
             for m in members:
@@ -142,8 +167,7 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
         saved = [state["batches_done"] if state else None]  # the checkpoint a failure leaves
 
         def save(done: int) -> None:
-            if writer:
-                save_checkpoint(run_dir, members, done, {"identity": cfg.identity()})
+            save_checkpoint(run_dir, members if writer else [], done, {"identity": cfg.identity()}, names=names)
             saved[0] = done
 
         try:
@@ -151,23 +175,24 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
             # absolute, so that eval finds the cache from any directory
             run_info = {"config": cfg.to_dict(), "cache": os.path.abspath(cache.path), "hook": hook,
                         "model": cache.meta["model"], **holdout_record(cache, cfg.holdout_fraction),
-                        "n_batches": n_batches,
-                        "saes": [m.name for m in members]}
-            if writer:
+                        "n_batches": n_batches, "saes": names}
+            if w.is_main:
                 write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": False})
             part = (w.rank, w.size) if data_parallel else (0, 1)
             loader, batches = open_stream(cache, hook, cfg, rows, n_batches, start, device, members, console, part)
-            console.print(f"training {len(members)} SAE(s) on {hook} of {cache.path} for {n_batches:,} batches of "
-                          f"{cfg.batch_size:,} tokens into {run_dir}")
-            configs = {e.name: {"train": cfg.to_dict(), "sae": asdict(e.sae), "lr": e.lr} for e in entries}
+            how = " (data-parallel)" if data_parallel else " (sweep-parallel)"
+            shared = f" shared by {w.size} ranks{how}" if w.active else ""
+            console.print(f"training {len(names)} SAE(s){shared} on {hook} of {cache.path} for {n_batches:,} batches "
+                          f"of {cfg.batch_size:,} tokens into {run_dir}")
+            configs = {entries[i].name: {"train": cfg.to_dict(), "sae": asdict(entries[i].sae), "lr": entries[i].lr}
+                       for i in mine}
             with train_runs(cfg.wandb if writer else None, run_dir, configs) as on_record:
                 done = train_loop(members, batches, start_batch=start, n_batches=n_batches, batch_size=cfg.batch_size,
                                   log_every=cfg.log_every, run_dir=run_dir, save=save, source_rows=loader.source_rows,
                                   checkpoint_every_batches=max(1, cfg.checkpoint_every // cfg.batch_size),
-                                  console=console, write_history=writer, agree_stop=data_parallel,
-                                  on_record=on_record)
-            if writer:
-                export(members, entries, run_dir, cache, hook, cfg, run_info, done)
+                                  console=console, names=names, write_history=writer, on_record=on_record)
+            export(members if writer else [], [entries[i] for i in mine] if writer else [], run_dir, cache, hook, cfg,
+                   run_info, done)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -175,18 +200,9 @@ def train(cfg: TrainConfig, out: Path | None = None, console: Console | None = N
                     else "no checkpoint was written yet")
             raise TrainingError(f"the disk holding {run_dir} is full: training stopped; {kept}. Free some space and "
                                 "run the same command again to resume") from None
-    console.print(f"[green]done[/]: {len(members)} SAE(s) in {run_dir}")
+    console.print(f"[green]done[/]: {len(names)} SAE(s) in {run_dir}")
     return run_dir
 
-
-def parallel_mode(cfg: TrainConfig, n_saes: int, w: World) -> str:
-    """How a torchrun job trains (one process: "single"): --parallel, where auto means sweep-parallel when there
-    are at least as many SAEs as ranks (no communication per step), else data-parallel."""
-    if not w.active:
-        return "single"
-    if cfg.parallel == "auto":
-        return "sweep" if n_saes >= w.size else "data"
-    return cfg.parallel
 
 
 def same_checkpoint(state: dict[str, Any] | None, run_dir: Path, w: World) -> None:
@@ -219,17 +235,24 @@ def open_stream(cache: Cache, hook: str, cfg: TrainConfig, rows: list[tuple[int,
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One `sae train` per run directory: two would interleave checkpoints and history (an flock, released by
-    the kernel when the holder dies, kill -9 included)."""
+    the kernel when the holder dies, kill -9 included). Under torchrun rank 0 holds it for the job (ranks on
+    one node would lock each other out), and every rank learns whether it got it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = acquire_lock(run_dir / LOCK_FILE)
-    except Locked as e:
-        raise UserError(f"another `sae train` (pid {e.holder}) is training in {run_dir}; wait for it to finish or "
-                        "stop it, then run again") from None
+    fd, holder = None, None
+    if world().is_main:
+        try:
+            fd = acquire_lock(run_dir / LOCK_FILE)
+        except Locked as e:
+            holder = e.holder
+    holder = broadcast_object(holder)
+    if holder is not None:
+        raise UserError(f"another `sae train` (pid {holder}) is training in {run_dir}; wait for it to finish or "
+                        "stop it, then run again")
     try:
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def resume(run_dir: Path, members: list[Member], state: dict[str, Any] | None, batch_size: int, n_batches: int,
@@ -251,7 +274,8 @@ def resume(run_dir: Path, members: list[Member], state: dict[str, Any] | None, b
 
 def export(members: list[Member], entries: list[SweepEntry], run_dir: Path, cache: Cache, hook: str,
            cfg: TrainConfig, run_info: dict[str, Any], done: int) -> None:
-    """Save every trained SAE (SAELens files and our record), then mark the run complete."""
+    """Save every trained SAE of this rank (SAELens files and our record), then, once every rank saved its
+    own, rank 0 marks the run complete."""
     for m, e in zip(members, entries):
         save_sae(m.sae, run_dir / m.name, model_name=cache.meta["model"], hook_name=hook,
                  extra_record={"train_config": cfg.to_dict(), "lr": e.lr, "cache": run_info["cache"],
@@ -260,4 +284,6 @@ def export(members: list[Member], entries: list[SweepEntry], run_dir: Path, cach
                                "final_metrics": m.last, "context_size": cache.meta["context_size"],
                                "prepend_bos": cache.meta["prepend_bos"],
                                "dataset_path": (cache.meta.get("dataset") or {}).get("source")})
-    write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": True, "tokens_trained": done * cfg.batch_size})
+    barrier()
+    if world().is_main:
+        write_json_atomic(run_dir / RUN_FILE, {**run_info, "complete": True, "tokens_trained": done * cfg.batch_size})

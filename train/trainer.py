@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from sae_cache.sae_common.data_parallel import all_reduce_grads, global_metrics
-from sae_cache.sae_common.distributed import all_reduce_
+from sae_cache.sae_common.distributed import all_gather_object, any_rank, world
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.sae import SAE
 from sae_cache.train.checkpoint import HISTORY
@@ -81,17 +81,21 @@ def nonfinite_rows(x_BD: torch.Tensor) -> list[int] | None:
 
 
 class StopFlag:
-    """Ctrl-C sets a flag that the loop checks between batches, so every SAE stops at the same batch."""
+    """Ctrl-C sets a flag that the loop checks between batches, so every SAE stops at the same batch.
 
-    def __init__(self) -> None:
-        self.set = False
+    escalate: a second Ctrl-C stops at once. Not under torchrun: there every worker gets Ctrl-C twice, from the
+    terminal and forwarded by torchrun's agent, which itself kills workers that outlast its shutdown timeout.
+    """
+
+    def __init__(self, escalate: bool = True) -> None:
+        self.set, self.escalate = False, escalate
 
     def __enter__(self) -> "StopFlag":
         self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.set:  # a second Ctrl-C stops at once
+        if self.set and self.escalate:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.set = True
 
@@ -102,17 +106,25 @@ class StopFlag:
 def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_batch: int, n_batches: int,
                batch_size: int, log_every: int, checkpoint_every_batches: int, run_dir: Path,
                save: Callable[[int], None], source_rows: Callable[[int, list[int]], list[int]],
-               console: Console, write_history: bool = True, agree_stop: bool = False,
+               console: Console, names: list[str] | None = None, write_history: bool = True,
                on_record: Callable[[str, dict], None] | None = None) -> int:
     """Train until `n_batches`; returns the number of batches done (checkpointed). On Ctrl-C it checkpoints
-    the batches done and raises TrainingInterrupted. write_history=False: metrics are kept, not written (a
-    data-parallel rank other than 0); agree_stop: the ranks stop after the same batch when any saw Ctrl-C.
-    `on_record(name, record)`: called with each history record after it is written (wandb logging)."""
+    the batches done and raises TrainingInterrupted.
+
+    Under torchrun `members` are this rank's SAEs (sweep-parallel: its share; data-parallel: every SAE, on its
+    slice of each batch) and `names` the whole sweep's: the ranks agree after each batch whether to stop (Ctrl-C
+    reached any of them; one CPU all_reduce, bench/scaling_bench.py measures it), and at log points gather the
+    metrics, so rank 0's table shows every SAE and a diverged SAE stops every rank at the same batch. In one
+    process these are free. write_history=False: metrics are kept, not written (a data-parallel rank other than
+    0). `on_record(name, record)`: called with each history record this rank writes (wandb logging).
+    """
     histories = {m.name: open(run_dir / m.name / HISTORY, "a") for m in members} if write_history else {}
-    done, t0, done0 = start_batch, time.perf_counter(), start_batch
+    done, t0, done0, stopping = start_batch, time.perf_counter(), start_batch, False
+    latest: dict[str, dict[str, Any]] = {name: {} for name in names or [m.name for m in members]}
     try:
-        with StopFlag() as stop, Live(_table(members, done, n_batches, batch_size, 0.0), console=console,
-                                      refresh_per_second=2, transient=False) as live:
+        with StopFlag(escalate=not world().active) as stop, Live(_table(latest, done, n_batches, batch_size, 0.0),
+                                                                 console=console, refresh_per_second=2,
+                                                                 transient=False) as live:
             for x_BD in batches:
                 if (bad := nonfinite_rows(x_BD)) is not None:
                     raise TrainingError(f"batch {done} holds NaN/inf in {len(bad)} row(s): cache rows "
@@ -121,57 +133,56 @@ def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_
                 for m in members:
                     m.step(x_BD)
                 done += 1
-                if agree_stop:  # one rank leaving the loop early would leave the others waiting in a collective
-                    stop.set = bool(all_reduce_(torch.tensor([int(stop.set)], device=x_BD.device), "max"))
-                at_end = done == n_batches
-                if done % log_every == 0 or at_end or stop.set:
-                    _record(members, histories, done * batch_size, on_record)
+                at_end, stopping = done == n_batches, any_rank(stop.set)
+                if done % log_every == 0 or at_end or stopping:
+                    latest.update(_record(members, histories, done * batch_size, on_record))
                     rate = (done - done0) * batch_size / (time.perf_counter() - t0)
-                    live.update(_table(members, done, n_batches, batch_size, rate))
-                if done % checkpoint_every_batches == 0 or at_end or stop.set:
+                    live.update(_table(latest, done, n_batches, batch_size, rate))
+                if done % checkpoint_every_batches == 0 or at_end or stopping:
                     save(done)
-                if stop.set:
+                if stopping:
                     break
     finally:
         for f in histories.values():
             f.close()
         if not console.is_terminal:
             console.line()  # rich leaves a log's last table line unterminated; the next message would join it
-    if stop.set and done < n_batches:
+    if stopping and done < n_batches:
         raise TrainingInterrupted(f"sae train interrupted at batch {done:,} of {n_batches:,}: checkpoint saved in "
                                   f"{run_dir}; run the same command again to resume")
     return done
 
 
 def _record(members: list[Member], histories: dict, tokens: int,
-            on_record: Callable[[str, dict], None] | None) -> None:
-    for m in members:
-        if m.n == 0:
-            continue
-        record = m.flush(tokens)
+            on_record: Callable[[str, dict], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Log this rank's SAEs; returns every rank's records (all_gather), each checked on every rank."""
+    own = {m.name: m.flush(tokens) for m in members if m.n}
+    records = {name: record for part in all_gather_object(own) for name, record in part.items()}
+    for name, record in records.items():
         if not all(map(_finite, record.values())):
-            raise TrainingError(f"SAE {m.name} diverged (non-finite loss at {tokens:,} tokens: {record}); training "
+            raise TrainingError(f"SAE {name} diverged (non-finite loss at {tokens:,} tokens: {record}); training "
                                 "stopped, the last good checkpoint is kept. Try a lower --lr.")
-        if m.name in histories:
-            histories[m.name].write(json.dumps(record) + "\n")
-            histories[m.name].flush()
+    for name, record in own.items():
+        if name in histories:
+            histories[name].write(json.dumps(record) + "\n")
+            histories[name].flush()
             if on_record is not None:
-                on_record(m.name, record)
+                on_record(name, record)
+    return records
 
 
 def _finite(v: Any) -> bool:
     return not isinstance(v, float) or v == v and abs(v) != float("inf")
 
 
-def _table(members: list[Member], done: int, n_batches: int, batch_size: int, rate: float) -> Table:
+def _table(latest: dict[str, dict[str, Any]], done: int, n_batches: int, batch_size: int, rate: float) -> Table:
     eta = (n_batches - done) * batch_size / rate if rate else float("nan")
     table = Table(title=f"batch {done:,}/{n_batches:,} · {done * batch_size:,} tokens · {rate:,.0f} tok/s"
                         + (f" · ETA {eta:,.0f}s" if rate else ""), title_justify="left")
     for col in ("SAE", "tokens", "loss", "MSE", "FVU", "L0", "dead", "tok/s", "ETA"):
         table.add_column(col, justify="left" if col == "SAE" else "right", no_wrap=True)
-    for m in members:
-        r = m.last
-        table.add_row(m.name, f"{r.get('tokens', 0):,}", *(f"{r[k]:.4g}" if k in r else "-" for k in
+    for name, r in latest.items():
+        table.add_row(name, f"{r.get('tokens', 0):,}", *(f"{r[k]:.4g}" if k in r else "-" for k in
                       ("loss", "mse", "fvu", "l0")), str(r.get("dead", "-")), f"{rate:,.0f}",
                       f"{eta:,.0f}s" if rate else "-")
     return table
