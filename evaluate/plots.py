@@ -1,5 +1,5 @@
 """The PNG plots of `sae eval`: the sparsity-fidelity trade-offs across SAEs, NMSE and CE degradation vs L0
-with one line per architecture (BatchTopK paper, Figures 1-2), the per-token L0 distribution (its Figure 3)
+with one line per architecture and setting (BatchTopK paper, Figures 1-2), the per-token L0 distribution (its Figure 3)
 and the latent-frequency histogram.
 
 Figure functions take plain data (lists and dicts, no eval objects) and return a matplotlib Figure drawn with
@@ -29,12 +29,31 @@ def _figure() -> tuple[Figure, object]:
     return fig, fig.subplots()
 
 
+def curve_labels(reports: list[dict]) -> list[str]:
+    """The line each SAE belongs to: its architecture, plus the run-name tags (train/sweep.py) in which SAEs of that
+    architecture differ, other than the first, its sparsity knob (k, L1, L0), which runs along the line. So a sweep
+    of k at two widths, or over aux_k, draws one line per width or aux_k instead of a zig-zag through all of
+    them. Names that do not follow `<arch>-<tags>` (SAEs trained elsewhere) go on their architecture's line."""
+    tags = [r["sae"].split("-")[2:] if r["sae"].startswith(r["arch"] + "-") else None for r in reports]
+    labels = []
+    for r, own in zip(reports, tags):
+        peers = [t for q, t in zip(reports, tags) if q["arch"] == r["arch"] and t is not None]
+        if own is None or any(len(t) != len(own) for t in peers):
+            labels.append(r["arch"])
+            continue
+        varied = [tag for i, tag in enumerate(own) if len({t[i] for t in peers}) > 1]
+        labels.append(" ".join([r["arch"], *varied]))
+    return labels
+
+
 def by_arch(reports: list[dict], metric: str) -> dict[str, tuple[list[float], list[float]]]:
-    """{arch: (L0s ascending, `metric` at each)}: one line per architecture; SAEs without a value are left out."""
+    """{line label: (L0s ascending, `metric` at each)}: one line per architecture and setting (curve_labels); SAEs
+    without a value are left out."""
     series: dict[str, tuple[list[float], list[float]]] = {}
-    for r in sorted(reports, key=lambda r: r["metrics"]["l0"]):
+    labelled = sorted(zip(curve_labels(reports), reports), key=lambda pair: pair[1]["metrics"]["l0"])
+    for label, r in labelled:
         if r["metrics"][metric] is not None:
-            l0s, values = series.setdefault(r["arch"], ([], []))
+            l0s, values = series.setdefault(label, ([], []))
             l0s.append(r["metrics"]["l0"])
             values.append(r["metrics"][metric])
     return series

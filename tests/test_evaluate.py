@@ -361,3 +361,20 @@ def test_a_run_trained_from_a_relative_cache_path_evaluates_from_any_directory(w
     result = eval_cli(tmp_path / "run", "--tokens", 64)
     assert result.exit_code == 0, result.output
     assert read_eval(tmp_path / "run" / "topk-k4-64")["cache"] == str(workspace / "cache" / "g.zarr")
+
+
+def test_trade_off_lines_split_an_architecture_only_by_the_settings_its_saes_differ_in():
+    from sae_cache.evaluate.plots import by_arch, curve_labels
+
+    def report(name, arch, l0, nmse):
+        return {"sae": name, "arch": arch, "metrics": {"l0": l0, "nmse": nmse}}
+
+    reports = [report("batchtopk-k32-1024", "batchtopk", 32, 0.03), report("batchtopk-k16-2048", "batchtopk", 16, 0.05),
+               report("batchtopk-k16-1024", "batchtopk", 16, 0.06), report("batchtopk-k32-2048", "batchtopk", 32, 0.02),
+               report("topk-k16-1024", "topk", 16, 0.07), report("relu-l1_0.01-1024", "relu", 40, 0.04),
+               report("elsewhere", "jumprelu", 20, 0.1)]
+    assert curve_labels(reports) == ["batchtopk 1024", "batchtopk 2048", "batchtopk 1024", "batchtopk 2048", "topk",
+                                     "relu", "jumprelu"]
+    series = by_arch(reports, "nmse")
+    assert series["batchtopk 1024"] == ([16, 32], [0.06, 0.03]) and series["batchtopk 2048"] == ([16, 32], [0.05, 0.02])
+    assert series["topk"] == ([16], [0.07]) and series["jumprelu"] == ([20], [0.1])
