@@ -232,10 +232,10 @@ def _relu_active(sae: SAE, pre_BF: Tensor) -> Tensor:
 
 def _jumprelu_active(sae: SAE, pre_BF: Tensor) -> Tensor:
     """JumpReLU's sparse path: the entries above θ (a value) and those within the kernel's reach below it
-    (a θ gradient, from the activation and from the L0 step): where rectangle((z − θ)/ε) or H(z − θ) is nonzero,
-    computed as `rectangle` computes it."""
-    theta_F = sae.log_threshold.exp()
-    return (pre_BF > theta_F) | ((pre_BF - theta_F) / sae.cfg.bandwidth > -0.5)
+    (a θ gradient, from the activation and from the L0 step), where rectangle((z − θ)/ε) is nonzero: z > θ − ε/2.
+    It keeps z > θ − ε, a margin far beyond rounding; the entries between add exactly zero to every value and
+    gradient (both H and the kernel are 0 there), and one comparison is one pass over [B, F]."""
+    return pre_BF > sae.log_threshold.exp() - sae.cfg.bandwidth
 
 
 def _dead_weights(sae: SAE) -> Tensor:

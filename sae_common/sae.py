@@ -54,7 +54,8 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        # The TopK family trains on the sparse path (sparse.py); False forces the dense reference path.
+        # The TopK family trains on the sparse path (sparse.py), relu and jumprelu when sparse enough; False
+        # forces the dense reference path.
         self.sparse_training = True
         # relu and jumprelu go sparse in a step when at most this fraction of entries is active (1.0: always)
         self.sparse_max_density = SPARSE_MAX_DENSITY
@@ -144,7 +145,8 @@ class SAE(nn.Module):
         """Encode, decode and the loss terms. In training mode also records the batch (update_stats) first,
         so the dead-latent mask of this batch's auxiliary loss includes it (as the reference does).
         Training the TopK family takes the sparse path (same values, O(k·B·d) after the encoder GEMM): the
-        encoder GEMM runs without a graph, and only the k·B kept entries carry gradients (sparse.py)."""
+        encoder GEMM runs without a graph, and only the k·B kept entries carry gradients (sparse.py). ReLU and
+        JumpReLU take it in the steps where few enough of their entries are active (_sparse_entries)."""
         xn_BD, (shift, scale) = self.normalize(x_BD)
         batch_wide = self.arch.batch_level and batch_mode is not False
         n_global = dp.global_rows(x_BD.shape[0], x_BD.device) if self.training and self.data_parallel else None
@@ -186,7 +188,8 @@ class SAE(nn.Module):
         with torch.no_grad():
             active_BF = self.arch.active(self, pre_BF)
             n_active = int(active_BF.sum())
-            return (mask_flat(active_BF) if sparse_pays(n_active, active_BF.numel(), self.sparse_max_density) else None), pre_BF
+            pays = sparse_pays(n_active, active_BF.numel(), self.sparse_max_density)
+            return (mask_flat(active_BF) if pays else None), pre_BF
 
     def _select(self, pre_BF: Tensor, n_global: int | None) -> Tensor:
         """The architecture's selection: over this rank's rows, or for batch-level ones in a data-parallel step
@@ -197,7 +200,8 @@ class SAE(nn.Module):
 
     def _losses(self, xn_BD: Tensor, pre_BF: Tensor, latents: Latents, shift: Tensor, scale: Tensor,
                 n_global: int | None = None) -> SAEOutput:
-        """The loss, assembled once for both paths: the architecture's reconstruction loss, its penalty, and the auxiliary loss on the residual of the full reconstruction. In a data-parallel step
+        """The loss, assembled once for both paths: the architecture's reconstruction loss, its penalty, and the
+        auxiliary loss on the residual of the full reconstruction. In a data-parallel step
         (n_global set) every term is this rank's share of the global batch's mean (its rows' sum over n_global
         rows), so summing over the ranks gives the global value, and the gradients sum to the global gradient."""
         xhat_n_BD, recon = self.arch.reconstruction(self, latents, xn_BD)
