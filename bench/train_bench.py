@@ -72,15 +72,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(arch: str, d: int, F: int, B: int, k: int, steps: int, device: str, dtype: str, sparse: bool) -> float:
+def ours(arch: str, d: int, F: int, B: int, k: int, steps: int, device: str, dtype: str, sparse: bool,
+         density: float | None = None, max_density: float | None = None) -> float:
+    """Tokens/s of our step. relu and jumprelu: b_enc shifted so that `density` of the entries are active (a
+    trained SAE's sparsity; at init about half are), and max_density (1.0: always sparse) overriding the
+    measured decision."""
     from sae_cache.sae_common.sae import SAE, SAEConfig
     from sae_cache.train.trainer import Member
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=d, d_sae=F, arch=arch, k=k)).to(device)
     sae.sparse_training = sparse
+    if max_density is not None:
+        sae.sparse_max_density = max_density
     x = torch.randn(B, d, device=device) * 3 + 1
     sae.set_input_scale(x) if sae.cfg.input_norm == "scalar" else None
+    if density is not None and sae.arch.active is not None:
+        with torch.no_grad():
+            sample = sae.pre_activations(sae.normalize(x)[0]).flatten()[::101]
+            sae.b_enc -= sample.kthvalue(max(1, int((1 - density) * sample.numel()))).values
     member = Member(arch, sae, torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99), fused=True),
                     autocast=torch.bfloat16 if dtype == "bfloat16" else None)
     sae.train()
@@ -132,6 +142,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--no-saelens", action="store_true")
+    ap.add_argument("--density", type=float, default=None,
+                    help="relu/jumprelu: the fraction of active entries (b_enc shifted; at init about half are); "
+                         "also times them forced onto the sparse and onto the dense path")
     ap.add_argument("--allocator", default="retain", choices=["retain", "default"],
                     help="retain: keep freed memory, as `sae` does (the default); default: glibc's own behaviour")
     args = ap.parse_args()
@@ -142,15 +155,22 @@ def main() -> None:
     print(json.dumps({"bench": "encoder_gemm", **shape, "dtype": args.dtype, "tokens_per_s": round(bound),
                       "tflops": round(flops * bound / args.batch / 1e12, 3)}), flush=True)
     for arch in args.archs.split(","):
-        fast = ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, True)
+        fast = ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, True,
+                    args.density)
         row = {"bench": "train_step", "arch": arch, **shape, "dtype": args.dtype, "freed_memory_retained": retained,
                "ours_tokens_per_s": round(fast),
                "fraction_of_encoder_gemm_bound": round(fast / bound, 3)}
         from sae_cache.sae_common.architectures import ARCHS
 
-        if ARCHS[arch].select is not None:  # the same step on the dense reference path, for the sparse speed-up
+        if ARCHS[arch].active is not None and args.density is not None:
+            row["density"] = args.density  # the measured decision (above) against each path forced
+            row["ours_sparse_path_tokens_per_s"] = round(
+                ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, True,
+                     args.density, max_density=1.0))
+        if ARCHS[arch].select is not None or ARCHS[arch].active is not None:  # the dense reference path
             row["ours_dense_path_tokens_per_s"] = round(
-                ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, False))
+                ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, False,
+                     args.density))
         if arch in SAELENS_ARCHS and not args.no_saelens:
             theirs = saelens(args.venv, arch, args.d, args.latents, args.batch, args.k, args.steps, args.device)
             if theirs:

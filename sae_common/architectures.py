@@ -190,7 +190,7 @@ def zipf_underuse_weights(density_F: Tensor, dead_F: Tensor, exponent: float | N
 
 # ---------------------------------------------------------------- the entries' functions (read the SAE)
 
-def _relu(sae: SAE, pre_BF: Tensor) -> Tensor:
+def _relu(sae: SAE, pre_BF: Tensor, cols: Tensor | slice = slice(None)) -> Tensor:
     return torch.relu(pre_BF)
 
 
@@ -206,19 +206,36 @@ def _feature_choice(sae: SAE, pre_BF: Tensor) -> Tensor:
     return feature_choice(torch.relu(pre_BF), sae.cfg.k * pre_BF.shape[0])
 
 
-def _jumprelu(sae: SAE, pre_BF: Tensor) -> Tensor:
-    return jump_relu(pre_BF, sae.log_threshold.exp(), sae.cfg.bandwidth)
+def _jumprelu(sae: SAE, pre_BF: Tensor, cols: Tensor | slice = slice(None)) -> Tensor:
+    return jump_relu(pre_BF, sae.log_threshold.exp()[cols], sae.cfg.bandwidth)
 
 
-def _l1_penalty(sae: SAE, pre_BF: Tensor, acts_BF: Tensor) -> Tensor:
+# Penalties take (sae, pre, acts, cols, n_rows): on the dense path pre and acts are [B, F] and cols is
+# slice(None); on the sparse path they are [1, N], the kept entries, with cols_N their latents. Either way
+# the per-entry terms are the same and sum over the entries they cover, divided by the batch's rows.
+
+def _l1_penalty(sae: SAE, pre: Tensor, acts: Tensor, cols: Tensor | slice, n_rows: int) -> Tensor:
     """l1_coeff · mean_b Σ_f f_bf ‖W_dec,f‖: weighting by decoder norm makes the penalty independent of how
     the scale is split between latent and decoder row (Anthropic, April 2024 update)."""
-    return sae.cfg.l1_coeff * (acts_BF * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    return sae.cfg.l1_coeff * (acts * sae.W_dec.norm(dim=1)[cols]).sum(-1).sum() / n_rows
 
 
-def _l0_penalty(sae: SAE, pre_BF: Tensor, acts_BF: Tensor) -> Tensor:
+def _l0_penalty(sae: SAE, pre: Tensor, acts: Tensor, cols: Tensor | slice, n_rows: int) -> Tensor:
     """l0_coeff · mean_b Σ_f H(z_bf − θ_f), the step taken on PRE-activations (JumpReLU paper, eq. 9)."""
-    return sae.cfg.l0_coeff * step(pre_BF, sae.log_threshold.exp(), sae.cfg.bandwidth).sum(-1).mean()
+    return sae.cfg.l0_coeff * step(pre, sae.log_threshold.exp()[cols], sae.cfg.bandwidth).sum(-1).sum() / n_rows
+
+
+def _relu_active(sae: SAE, pre_BF: Tensor) -> Tensor:
+    """ReLU's sparse path: every positive entry (the only ones with a value or a gradient)."""
+    return pre_BF > 0
+
+
+def _jumprelu_active(sae: SAE, pre_BF: Tensor) -> Tensor:
+    """JumpReLU's sparse path: the entries above θ (a value) and those within the kernel's reach below it
+    (a θ gradient, from the activation and from the L0 step), where rectangle((z − θ)/ε) is nonzero: z > θ − ε/2.
+    It keeps z > θ − ε, a margin far beyond rounding; the entries between add exactly zero to every value and
+    gradient (both H and the kernel are 0 there), and one comparison is one pass over [B, F]."""
+    return pre_BF > sae.log_threshold.exp() - sae.cfg.bandwidth
 
 
 def _dead_weights(sae: SAE) -> Tensor:
@@ -327,13 +344,17 @@ class Arch:
     reconstruction: Callable[..., tuple[Tensor, Tensor]] = plain_reconstruction
     """(sae, latents, xn_BD) -> (x̂_n_BD, reconstruction loss), on either training path (latents: sparse.Latents)."""
     penalty: Callable[..., Tensor] | None = None
-    """(sae, pre_BF, acts_BF) -> scalar sparsity penalty added to the loss (dense path only)."""
+    """(sae, pre, acts, cols, n_rows) -> scalar sparsity penalty added to the loss, on either path (see _l1_penalty)."""
     aux_weights: Callable[..., Tensor] | None = None
     """sae -> [F] weights of the latents that reconstruct the residual in the auxiliary loss (AuxK: the dead
     ones; aux_zipf: dead and under-used): aux_coeff · aux_reconstruction_loss is added to the loss."""
     select: Callable[..., Tensor] | None = None
     """(sae, pre_BF) -> sorted flat indices (row·F + col) of the kept entries: enables the sparse training
     path (sparse.py); after ReLU it must keep exactly what `activation` keeps."""
+    active: Callable[..., Tensor] | None = None
+    """(not batch-level) (sae, pre_BF) -> [B, F] bool, every entry with a value or a gradient: the sparse path
+    for activations that keep as many entries as the batch has, taken in a step only when they are few enough
+    to pay (sparse.sparse_pays), else the dense one. `activation` also takes (sae, pre_1N, cols_N)."""
     select_global: Callable[..., Tensor] | None = None
     """(batch-level) (sae, pre_BF, n_global) -> `select` over a data-parallel run's global batch (data_parallel.py)."""
     extra_params: Callable[..., dict[str, Tensor]] | None = None
@@ -344,7 +365,7 @@ class Arch:
     """cfg -> None, raising ConfigError for settings this architecture cannot use."""
 
     def __post_init__(self):
-        assert not (self.penalty and self.select), "penalties read dense latents: no sparse path with a penalty"
+        assert not (self.active and (self.select or self.batch_level)), "an `active` mask is the whole selection"
         assert (self.select_global is not None) == self.batch_level, "batch-level selections need a global one"
         assert (self.aux_weights is not None) == (AUX_K in self.sweeps) == (AUX_COEFF in self.sweeps), \
             "an auxiliary loss uses aux_k and aux_coeff: list AUX_K and AUX_COEFF in sweeps exactly when it has one"
@@ -380,11 +401,11 @@ _BATCHTOPK = dict(batch_level=True, select=_batchtopk_select, select_global=_bat
 _AUXK = (K, AUX_K, AUX_COEFF)
 _ZIPF = (*_AUXK, ZIPF_UNDERUSE_SCALE)
 ARCHS: dict[str, Arch] = {
-    "relu": Arch(_relu, "standard", sweeps=(L1,), penalty=_l1_penalty),
+    "relu": Arch(_relu, "standard", sweeps=(L1,), penalty=_l1_penalty, active=_relu_active),
     "topk": Arch(_topk, "topk", sweeps=_AUXK, aux_weights=_dead_weights, select=_topk_select),
     "batchtopk": Arch(_batchtopk, "jumprelu", sweeps=_AUXK, aux_weights=_dead_weights, **_BATCHTOPK),
     "jumprelu": Arch(_jumprelu, "jumprelu", sweeps=(L0, BANDWIDTH, JUMPRELU_INIT_THRESHOLD), penalty=_l0_penalty,
-                     extra_params=_jumprelu_params, threshold=_jumprelu_threshold),
+                     extra_params=_jumprelu_params, threshold=_jumprelu_threshold, active=_jumprelu_active),
     "feature_choice": Arch(_feature_choice, "jumprelu", sweeps=_ZIPF, batch_level=True, per_latent_threshold=True,
                            aux_weights=_zipf_weights, select=_feature_choice_select,
                            select_global=_feature_choice_select_global),

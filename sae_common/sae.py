@@ -18,7 +18,8 @@ from sae_cache.sae_common import distributed as D
 from sae_cache.sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae_config import SAEConfig  # noqa: F401  (re-exported: the SAE's config)
-from sae_cache.sae_common.sparse import Latents, Selection, densify, gather_pre, sparse_decode
+from sae_cache.sae_common.sparse import (Latents, Selection, densify, gather_pre, mask_flat, sparse_decode,
+                                         SPARSE_MAX_DENSITY, sparse_pays)
 
 
 @dataclass
@@ -53,8 +54,11 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        # The TopK family trains on the sparse path (sparse.py); False forces the dense reference path.
+        # The TopK family trains on the sparse path (sparse.py), relu and jumprelu when sparse enough; False
+        # forces the dense reference path.
         self.sparse_training = True
+        # relu and jumprelu go sparse in a step when at most this fraction of entries is active (1.0: always)
+        self.sparse_max_density = SPARSE_MAX_DENSITY
         # In training, x holds this rank's rows of a global batch split over the ranks: batch-level quantities
         # are computed over the global batch and losses are this rank's share of it (data_parallel.py).
         self.data_parallel = False
@@ -141,21 +145,24 @@ class SAE(nn.Module):
         """Encode, decode and the loss terms. In training mode also records the batch (update_stats) first,
         so the dead-latent mask of this batch's auxiliary loss includes it (as the reference does).
         Training the TopK family takes the sparse path (same values, O(k·B·d) after the encoder GEMM): the
-        encoder GEMM runs without a graph, and only the k·B kept entries carry gradients (sparse.py)."""
+        encoder GEMM runs without a graph, and only the k·B kept entries carry gradients (sparse.py). ReLU and
+        JumpReLU take it in the steps where few enough of their entries are active (_sparse_entries)."""
         xn_BD, (shift, scale) = self.normalize(x_BD)
         batch_wide = self.arch.batch_level and batch_mode is not False
         n_global = dp.global_rows(x_BD.shape[0], x_BD.device) if self.training and self.data_parallel else None
-        if self.training and self.sparse_training and self.arch.select is not None and batch_mode is not False:
+        pre_BF = flat_N = None
+        if self.training and self.sparse_training and batch_mode is not False and \
+                (self.arch.select is not None or self.arch.active is not None):
+            flat_N, pre_BF = self._sparse_entries(xn_BD, n_global)
+        if flat_N is not None:
             b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-            with torch.no_grad():
-                pre_BF = self.pre_activations(xn_BD)
-                # selecting on pre rather than relu(pre) keeps the same positives (the rest are zeroed below)
-                sel = Selection(self._select(pre_BF, n_global), pre_BF.shape)
-            vals_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu()
-            latents = Latents(vals_N=vals_N, sel=sel)
+            sel = Selection(flat_N, pre_BF.shape)
+            pre_N = gather_pre(pre_BF.detach(), xn_BD, self.W_enc, self.b_enc, b_dec, sel)
+            vals_N = self.arch.activation(self, pre_N[None], sel.cols)[0] if self.arch.active else pre_N.relu()
+            latents = Latents(vals_N=vals_N, sel=sel, pre_N=pre_N)
             self.record_batch(n_global or x_BD.shape[0], sel.rows, sel.cols, vals_N.detach())
         else:
-            pre_BF = self.pre_activations(xn_BD)
+            pre_BF = self.pre_activations(xn_BD) if pre_BF is None else pre_BF
             if n_global is not None and batch_wide:  # the dense path keeps what the global selection keeps
                 with torch.no_grad():
                     sel = Selection(self._select(pre_BF, n_global), pre_BF.shape)
@@ -167,6 +174,23 @@ class SAE(nn.Module):
                 self.update_stats(latents.acts_BF.detach(), n_global)
         return self._losses(xn_BD, pre_BF, latents, shift, scale, n_global)
 
+    def _sparse_entries(self, xn_BD: Tensor, n_global: int | None) -> tuple[Tensor | None, Tensor]:
+        """(sorted flat indices of the entries the sparse path keeps, or None to take the dense one; pre_BF).
+        The TopK family always keeps k·B and goes sparse, its encoder GEMM without a graph; an `active`
+        architecture (relu, jumprelu) keeps what is active, measured here, and goes sparse only when that pays:
+        its pre_BF keeps its graph, for the dense path to use if it does not."""
+        if self.arch.active is None:
+            with torch.no_grad():
+                pre_BF = self.pre_activations(xn_BD)
+                # selecting on pre rather than relu(pre) keeps the same positives (the rest are zeroed below)
+                return self._select(pre_BF, n_global), pre_BF
+        pre_BF = self.pre_activations(xn_BD)
+        with torch.no_grad():
+            active_BF = self.arch.active(self, pre_BF)
+            n_active = int(active_BF.sum())
+            pays = sparse_pays(n_active, active_BF.numel(), self.sparse_max_density)
+            return (mask_flat(active_BF) if pays else None), pre_BF
+
     def _select(self, pre_BF: Tensor, n_global: int | None) -> Tensor:
         """The architecture's selection: over this rank's rows, or for batch-level ones in a data-parallel step
         over the global batch of n_global rows."""
@@ -176,13 +200,18 @@ class SAE(nn.Module):
 
     def _losses(self, xn_BD: Tensor, pre_BF: Tensor, latents: Latents, shift: Tensor, scale: Tensor,
                 n_global: int | None = None) -> SAEOutput:
-        """The loss, assembled once for both paths: the architecture's reconstruction loss, its penalty (dense
-        path only), and the auxiliary loss on the residual of the full reconstruction. In a data-parallel step
+        """The loss, assembled once for both paths: the architecture's reconstruction loss, its penalty, and the
+        auxiliary loss on the residual of the full reconstruction. In a data-parallel step
         (n_global set) every term is this rank's share of the global batch's mean (its rows' sum over n_global
         rows), so summing over the ranks gives the global value, and the gradients sum to the global gradient."""
         xhat_n_BD, recon = self.arch.reconstruction(self, latents, xn_BD)
         zero = xn_BD.new_zeros(())
-        penalty = self.arch.penalty(self, pre_BF, latents.acts_BF) if self.arch.penalty else zero
+        penalty = zero
+        if self.arch.penalty and latents.sel is None:
+            penalty = self.arch.penalty(self, pre_BF, latents.acts_BF, slice(None), xn_BD.shape[0])
+        elif self.arch.penalty:
+            penalty = self.arch.penalty(self, latents.pre_N[None], latents.vals_N[None], latents.sel.cols,
+                                        xn_BD.shape[0])
         aux = zero
         if self.arch.aux_weights is not None:
             aux = self._aux(pre_BF, xn_BD, (xn_BD - xhat_n_BD).detach(), dense=latents.acts_BF is not None,

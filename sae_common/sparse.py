@@ -99,13 +99,29 @@ def sparse_decode(vals_N: Tensor, W_dec: Tensor, sel: Selection) -> Tensor:
         return bag_sum(W_dec, sel.cols, sel.offsets, vals_N.to(W_dec.dtype))
 
 
+# The sparse path of an activation that keeps whatever is active (relu, jumprelu) pays below this fraction of
+# active entries. Cost model: after the encoder GEMM the dense step runs 4 more [B, F] x [F, D] products,
+# 8·B·F·d FLOPs at GEMM speed; the sparse one the selection (one pass over B·F, nonzero, a column sort) and
+# 4 bags of n rows of d, 8·n·d FLOPs at gather speed, ~an order of magnitude slower per FLOP: they cross near
+# n/(B·F) ~ 0.1. Measured (bench/train_bench.py --archs relu --batch 1024 --density X, 2-core CPU, busy):
+# sparse/dense 1.5x at 0.01, 1.4x at 0.03, 1.2x at 0.05 and 0.07, 0.95x at 0.1; 0.05 leaves a margin.
+SPARSE_MAX_DENSITY = 0.05
+
+
+def sparse_pays(n_active: int, n_entries: int, max_density: float = SPARSE_MAX_DENSITY) -> bool:
+    """Whether a step with n_active of n_entries (= B·F) active entries should take the sparse path."""
+    return n_active <= max_density * n_entries
+
+
 class Latents:
     """A batch's latents as the loss sees them, on either path: dense [B, F] (`acts_BF`), or the kept values
-    of a Selection (`vals_N`, `sel`). Reconstruction losses call `decode`, so they are written once for both."""
+    of a Selection (`vals_N`, `sel`, and their pre-activations `pre_N` for penalties). Reconstruction losses
+    call `decode`, so they are written once for both."""
 
-    def __init__(self, acts_BF: Tensor | None = None, vals_N: Tensor | None = None, sel: Selection | None = None):
+    def __init__(self, acts_BF: Tensor | None = None, vals_N: Tensor | None = None, sel: Selection | None = None,
+                 pre_N: Tensor | None = None):
         assert (acts_BF is None) != (sel is None) and (vals_N is None) == (sel is None), "dense or sparse, not both"
-        self.acts_BF, self.vals_N, self.sel = acts_BF, vals_N, sel
+        self.acts_BF, self.vals_N, self.sel, self.pre_N = acts_BF, vals_N, sel, pre_N
 
     def decode(self, W_dec_FD: Tensor, lo: int = 0, hi: int | None = None) -> Tensor:
         """[B, D]: Σ_f f_bf · W_dec,f over the latents lo <= f < hi (all by default), without b_dec."""

@@ -14,14 +14,15 @@ from sae_cache.sae_common.sae import SAE, SAEConfig
 from sae_cache.train.trainer import Member
 
 D_IN, F, B, K, STEPS = 16, 64, 47, 4, 6  # B odd: the ranks hold 23 and 24 rows
-# (name, arch, sparse path, extra config): both paths for BatchTopK and Feature Choice; dead_tokens = one batch
+# (name, arch, sparse path, extra config): both paths for BatchTopK, Feature Choice and ReLU; dead_tokens = one batch
 # so that latents die within the run and the auxiliary losses (AuxK, aux_zipf) take part
 CASES = [("batchtopk_sparse", "batchtopk", True, {}), ("batchtopk_dense", "batchtopk", False, {}),
          ("feature_choice_sparse", "feature_choice", True, {}), ("feature_choice_dense", "feature_choice", False, {}),
          ("matryoshka", "matryoshka_batchtopk", True, {"group_fractions": (0.25, 0.75)}),
          ("mutual_choice", "mutual_choice", True, {"aux_normalised": True}),
          ("topk_standardize", "topk", True, {"input_norm": "standardize"}),
-         ("relu", "relu", False, {"l1_coeff": 1e-3})]
+         ("relu", "relu", False, {"l1_coeff": 1e-3}), ("relu_sparse", "relu", True, {"l1_coeff": 1e-3}),
+         ("jumprelu_sparse", "jumprelu", True, {"l0_coeff": 1e-3, "jumprelu_init_threshold": 0.5, "bandwidth": 0.4})]
 
 
 def batches() -> list[torch.Tensor]:
@@ -35,6 +36,7 @@ def train(arch: str, sparse: bool, extra: dict, data: list[torch.Tensor], data_p
     cfg = dict(d_in=D_IN, d_sae=F, arch=arch, k=K, dead_tokens=B, aux_k=4, stats_window=4, input_norm="scalar")
     sae = SAE(SAEConfig(**{**cfg, **extra}))
     sae.sparse_training, sae.data_parallel = sparse, data_parallel
+    sae.sparse_max_density = 1.0  # relu and jumprelu on the path asked for, whatever their density
     if sae.cfg.input_norm == "scalar":
         sae.set_input_scale(data[0])
     sae.train()

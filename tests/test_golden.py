@@ -60,7 +60,8 @@ def load_case(case: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 @pytest.fixture(params=[False, True], ids=["dense", "sparse"])
 def sparse(request) -> bool:
-    """Every golden check runs on the dense reference path and on the sparse training path (TopK family)."""
+    """Every golden check runs on the dense reference path and on the sparse training path (every architecture:
+    relu and jumprelu forced onto it whatever their density)."""
     return request.param
 
 
@@ -77,6 +78,7 @@ def build_sae(t: dict[str, torch.Tensor], meta: dict, arch: str, sparse: bool = 
 def with_reference_state(sae: SAE, t: dict[str, torch.Tensor], B: int, sparse: bool) -> SAE:
     """`sae` with the file's parameters and dead-latent counter (batches -> tokens), on the chosen path."""
     sae.sparse_training = sparse
+    sae.sparse_max_density = 1.0  # relu and jumprelu take the sparse path whenever `sparse` is True
     with torch.no_grad():
         for name, p in sae.named_parameters():
             p.copy_(t[name])
@@ -89,6 +91,7 @@ def run_step(sae: SAE, x: torch.Tensor):
     sae.train()
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS, eps=EPS)
     out = sae(x)
+    assert (out.acts is None) == sae.sparse_training  # the path asked for is the path taken
     if out.acts is None:  # the sparse path builds no [B, F] latents: take the batch-mode ones, same weights
         with torch.no_grad():
             out.acts = sae.activate(sae.pre_activations(sae.normalize(x)[0]), batch_mode=True)
@@ -227,9 +230,9 @@ def test_topk_step_matches_reference_with_detached_residual(case, sparse):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c] == "relu"])
-def test_relu_step_matches_reference(case):
+def test_relu_step_matches_reference(case, sparse):
     t, meta = load_case(case)
-    sae = build_sae(t, meta, "relu")
+    sae = build_sae(t, meta, "relu", sparse)
     before = {name: p.detach().clone() for name, p in sae.named_parameters()}
     _, grads = run_step(sae, t["x"])
     for name in ("W_enc", "b_dec"):
@@ -252,9 +255,9 @@ def test_relu_step_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c] == "jumprelu"])
-def test_jumprelu_step_matches_reference_with_chain_rule_and_l0_on_pre_activations(case):
+def test_jumprelu_step_matches_reference_with_chain_rule_and_l0_on_pre_activations(case, sparse):
     t, meta = load_case(case)
-    sae = build_sae(t, meta, "jumprelu")
+    sae = build_sae(t, meta, "jumprelu", sparse)
     _, grads = run_step(sae, t["x"])
     for name in ("W_enc", "b_enc", "b_dec"):
         torch.testing.assert_close(grads[name], t[f"grad_{name}"], **GRAD)

@@ -10,7 +10,7 @@ import torch
 
 from tests.golden_reference import ARCH_OF, decision_margins, reference_step
 from tests.test_golden import (EPS, FWD, GENERATED, GRAD, LR, SHIPPED, adam_first_step, assert_adam_step,
-                               build_sae, load_case, project, run_step)
+                               build_sae, load_case, project, run_step, sparse)  # noqa: F401  (sparse: a fixture)
 
 
 @pytest.mark.parametrize("case", SHIPPED)
@@ -36,21 +36,21 @@ def test_reimplementation_reproduces_shipped_file(case):
 
 
 @pytest.mark.parametrize("case", GENERATED)
-def test_generated_steps_reach_gradients_near_eps_and_are_free_of_ties(case):
+def test_generated_steps_reach_gradients_near_eps_and_are_free_of_ties(case, sparse):
     t, meta = load_case(case)
     arch = ARCH_OF[case.split("@")[0]]
     # every selection (ReLU sign, top-k, AuxK, JumpReLU edges) is decided by more than its float noise...
     assert min(decision_margins(t, meta, arch).values()) > 1
     # ...and the steered latents give OUR gradients (what our Adam step uses) within a decade of eps
-    sae = build_sae(t, meta, arch)
+    sae = build_sae(t, meta, arch, sparse)
     _, grads = run_step(sae, t["x"])
     g_W_enc = grads["W_enc"][:, meta["near_eps_latents"]].abs()
     assert ((g_W_enc > EPS / 10) & (g_W_enc < 10 * EPS)).sum() >= 10, g_W_enc
 
 
-def _relu_step(case: str = "relu_l1@seed1"):
+def _relu_step(case: str = "relu_l1@seed1", sparse: bool = False):
     t, meta = load_case(case)
-    sae = build_sae(t, meta, "relu")
+    sae = build_sae(t, meta, "relu", sparse)
     _, grads = run_step(sae, t["x"])
     return t, sae.W_enc.detach().clone(), grads["W_enc"]
 

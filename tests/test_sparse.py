@@ -7,15 +7,18 @@ import torch
 
 from sae_cache.sae_common.architectures import ARCHS
 from sae_cache.sae_common.sae import SAE, SAEConfig
-from sae_cache.sae_common.sparse import Selection, batch_topk_flat, densify, gather_pre, sparse_decode, topk_flat
+from sae_cache.sae_common.sparse import (SPARSE_MAX_DENSITY, Selection, batch_topk_flat, densify, gather_pre,
+                                         sparse_decode, sparse_pays, topk_flat)
 
 SPARSE_ARCHS = [name for name, arch in ARCHS.items() if arch.select is not None]
+ACTIVE_ARCHS = [name for name, arch in ARCHS.items() if arch.active is not None]
 B, D, F, K = 64, 16, 96, 4
 
 
 def test_every_topk_family_architecture_has_the_sparse_path():
     assert set(SPARSE_ARCHS) == {"topk", "batchtopk", "feature_choice", "mutual_choice",
                                  "matryoshka_batchtopk"}
+    assert set(ACTIVE_ARCHS) == {"relu", "jumprelu"}  # and the others, when sparse enough
 
 
 @pytest.mark.parametrize("shape,n_keep", [((4096, 3000), 4096 * 8), ((64, 96), 256), ((7, 5), 30), ((512, 2048), 512)])
@@ -153,3 +156,82 @@ def test_sparse_path_on_cuda_equals_dense(arch):
         outs[sparse] = (out.loss.detach(), sae.W_enc.grad.clone(), sae.W_dec.grad.clone())
     for a, b in zip(outs[True], outs[False]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- relu and jumprelu: sparse when sparse enough
+
+def _active_sae(arch: str, dtype=torch.float32) -> SAE:
+    torch.manual_seed(0)
+    # θ = 0.5 and ε = 0.4: many pre-activations fall within ε/2 below θ, where only the θ gradient (of the
+    # activation and of the L0 step) reaches them; input_norm none keeps b_dec in the encoder's gradient
+    sae = SAE(SAEConfig(d_in=D, d_sae=F, arch=arch, input_norm="none", l1_coeff=0.3, l0_coeff=0.3,
+                        jumprelu_init_threshold=0.5, bandwidth=0.4)).to(dtype)
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(5))
+    return sae.train()
+
+
+def _one_step(arch: str, sparse: bool, x: torch.Tensor):
+    sae = _active_sae(arch, x.dtype)
+    sae.sparse_training, sae.sparse_max_density = sparse, 1.0  # sparse=True: whatever the density
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    out = sae(x)
+    assert (out.acts is None) == sparse  # the path asked for is the path taken
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.constrain_decoder()
+    opt.step()
+    return out, grads, sae
+
+
+@pytest.mark.parametrize("arch", ACTIVE_ARCHS)
+def test_relu_and_jumprelu_sparse_step_equals_dense(arch):
+    """Loss terms (the penalty included), every parameter's gradient and the Adam step, sparse vs dense. In
+    float64, where both paths' sums (orders differ, lengths <= B·F) round at n·2^-53 of the sums of absolute
+    terms: 1e-9 of the largest entry leaves room for cancellation ~1e4 deep, far beyond what these sums have,
+    yet any wrong or missing term (a gradient ~1e-2 or more) fails it."""
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 2
+    (dense, g_dense, sae_dense), (sparse, g_sparse, sae_sparse) = (_one_step(arch, s, x) for s in (False, True))
+    pre = _active_sae(arch, x.dtype).pre_activations(x).detach()  # the weights both steps started from
+    if arch == "jumprelu":  # the θ gradient from entries within ε/2 below θ = 0.5 is exercised
+        assert ((pre < 0.5) & (pre > 0.5 - 0.2)).sum() > 10
+    assert 0.2 < (pre > 0).double().mean() < 0.8  # not trivially sparse: the sparse path keeps many entries
+    assert dense.penalty.item() > 0.01 * dense.loss.item()
+    for name in ("loss", "recon", "mse", "penalty", "l0"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-9, atol=0, msg=name)
+    assert set(g_sparse) == set(g_dense) and len(g_dense) == (5 if arch == "jumprelu" else 4)
+    for name, g in g_dense.items():
+        assert g.abs().max() > 1e-3, name  # every parameter gets a real gradient
+        torch.testing.assert_close(g_sparse[name], g, rtol=0, atol=1e-9 * g.abs().max().item(), msg=name)
+    for (name, a), (_, b) in zip(sae_sparse.state_dict().items(), sae_dense.state_dict().items()):
+        # Adam divides by sqrt(v) + eps: a gradient difference δ moves the first step by at most lr·δ/eps
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * 1e-9 * 1e8, msg=name)
+
+
+def _decided(arch: str, shift: float, **kw) -> bool:
+    """Whether a training step took the sparse path when b_enc is moved by `shift`."""
+    sae = _active_sae(arch)
+    for key, value in kw.items():
+        setattr(sae, key, value)
+    with torch.no_grad():
+        sae.b_enc.add_(shift)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(7))
+    active = sae.arch.active(sae, sae.pre_activations(x).detach())
+    out = sae(x)
+    assert 0 < active.sum() < active.numel()
+    assert (out.acts is None) == (sae.sparse_training and
+                                  sparse_pays(int(active.sum()), active.numel(), sae.sparse_max_density))
+    return out.acts is None
+
+
+@pytest.mark.parametrize("arch", ACTIVE_ARCHS)
+def test_each_step_takes_the_path_its_density_pays_for(arch):
+    assert not _decided(arch, 0.0)  # at init about half the entries are active: dense
+    assert _decided(arch, -2.0)  # a few: sparse
+    assert not _decided(arch, -2.0, sparse_training=False)  # the dense reference, forced
+    assert _decided(arch, 0.0, sparse_max_density=1.0)  # sparse, forced
+
+
+def test_sparse_pays_below_the_measured_density():
+    assert sparse_pays(5, 100, 0.05) and not sparse_pays(6, 100, 0.05)
+    assert 0 < SPARSE_MAX_DENSITY < 1
