@@ -57,7 +57,7 @@ def worker(mode: str, cache: str, a: argparse.Namespace) -> None:
     from sae_cache.sae_common.cache_format import open_cache
     from sae_cache.train.loader import ActivationLoader
 
-    w = D.world()
+    D.world()  # joins the process group under torchrun
     if mode == "flag":
         D.any_rank(False)  # joins the group
         t0, n = time.perf_counter(), 2000
@@ -107,9 +107,9 @@ def main() -> None:
         batch_us = a.batch_size / many * 1e6
         print(f"stop-flag agreement: {flag_us:.0f} µs per batch = {flag_us / batch_us:.2%} of a {a.nproc}-rank batch "
               f"({batch_us / 1e3:.1f} ms)")
-    print(f"on N GPUs: torchrun --standalone --nproc-per-node N -m sae_cache.sae_common.cli train --cache CACHE "
-          f"--device cuda --parallel sweep --arch topk --k 8,16,...  (or: .venv/bin/python bench/scaling_bench.py "
-          f"--device cuda --nproc N --saes N --d-model 2304 --tokens 4194304)")
+    print("on N GPUs: torchrun --standalone --nproc-per-node N -m sae_cache.sae_common.cli train --cache CACHE "
+          "--device cuda --parallel sweep --arch topk --k 8,16,...  (or: .venv/bin/python bench/scaling_bench.py "
+          "--device cuda --nproc N --saes N --d-model 2304 --tokens 4194304)")
 
 
 if __name__ == "__main__":

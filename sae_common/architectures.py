@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sae_cache.sae_common.checks import bad
 from sae_cache.sae_common.data_parallel import batch_topk_flat_global, feature_choice_flat_global
+from sae_cache.sae_common.jumprelu_ste import jump_relu, step
 from sae_cache.sae_common.sae_config import (AUX_COEFF, AUX_K, BANDWIDTH, GROUP_FRACTIONS, JUMPRELU_INIT_THRESHOLD,
                                              K, L0, L1, ZIPF_UNDERUSE_SCALE, Sweep)
 from sae_cache.sae_common.sparse import Latents, batch_topk_flat, mask_flat, topk_flat
@@ -71,60 +72,6 @@ def feature_choice_mask(acts_BF: Tensor, n_keep: int) -> Tensor:
     if extra:
         keep_MF[m, vals_MF[m].topk(extra).indices] = True
     return torch.zeros_like(acts_BF, dtype=torch.bool).scatter(0, idx_MF, keep_MF)
-
-
-# ---------------------------------------------------------------- JumpReLU with straight-through estimators
-
-def rectangle(u: Tensor) -> Tensor:
-    """Rectangle kernel K(u) = 1 on (-1/2, 1/2) (Rajamanoharan et al. 2024, JumpReLU paper, eq. 10)."""
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """JumpReLU(z; θ) = z·H(z − θ). Pseudo-derivative wrt θ: −(θ/ε)·K((z−θ)/ε) (JumpReLU paper, eq. 11).
-
-    It is the derivative wrt θ itself: when θ = exp(log_threshold), autograd multiplies by θ again on the
-    way to log_threshold. (The BatchTopK reference returns this value as the log-threshold gradient, which
-    drops that factor; see tests/test_golden.py.)
-    """
-
-    @staticmethod
-    def forward(ctx, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_BF, theta_F)
-        ctx.bandwidth = bandwidth
-        return torch.where(pre_BF > theta_F, pre_BF, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad_BF: Tensor):
-        pre_BF, theta_F = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_theta_F = (-(theta_F / eps) * rectangle((pre_BF - theta_F) / eps) * grad_BF).sum(0)
-        return grad_BF * (pre_BF > theta_F), grad_theta_F, None
-
-
-class _Step(torch.autograd.Function):
-    """H(z − θ) with pseudo-derivative −(1/ε)·K((z−θ)/ε) wrt θ and none wrt z (JumpReLU paper, eq. 12)."""
-
-    @staticmethod
-    def forward(ctx, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_BF, theta_F)
-        ctx.bandwidth = bandwidth
-        return (pre_BF > theta_F).to(pre_BF.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_BF: Tensor):
-        pre_BF, theta_F = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_theta_F = (-(1.0 / eps) * rectangle((pre_BF - theta_F) / eps) * grad_BF).sum(0)
-        return None, grad_theta_F, None
-
-
-def jump_relu(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
-    return _JumpReLU.apply(pre_BF, theta_F, bandwidth)
-
-
-def step(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
-    return _Step.apply(pre_BF, theta_F, bandwidth)
 
 
 # ---------------------------------------------------------------- auxiliary losses (pure)

@@ -19,7 +19,8 @@ import click
 from sae_cache.sae_common.allocator import retain_freed_memory
 from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MODEL_DTYPES, PARALLEL_MODES, STORED_DTYPES,
                                          TRAIN_DTYPES, flag)
-from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, default, field_doc, parse_count
+from sae_cache.sae_common.config import EvalConfig, HarvestConfig, TrainConfig, parse_count
+from sae_cache.sae_common.field_docs import default, field_doc
 from sae_cache.sae_common.errors import UserError
 from sae_cache.sae_common.features_config import FeaturesConfig
 from sae_cache.sae_common.sae_config import SWEEPS, SAEConfig

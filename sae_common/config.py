@@ -8,15 +8,15 @@ cache or the file system run at the start of each command, on the cheapest look 
 
 from __future__ import annotations
 
-import functools
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from sae_cache.sae_common.checks import (COMPRESSIONS, INPUT_NORMS, MAX_SEED, MODEL_DTYPES, PARALLEL_MODES,
                                          STORED_DTYPES, TRAIN_DTYPES, bad, check_bool, check_choice, check_device,
                                          check_float, check_int, check_list, check_text, check_wandb_project)
 from sae_cache.sae_common.errors import ConfigError
+from sae_cache.sae_common.field_docs import default
 from sae_cache.sae_common.sae_config import SWEEPS, SAEConfig
 
 DEFAULT_LAYER = 12  # with a hook kind and no --layer
@@ -148,26 +148,6 @@ class HarvestConfig:
         d = asdict(self)
         d["layers"] = list(self.layers)
         return d
-
-
-def field_doc(cls: type, name: str) -> str:
-    """The docstring under a dataclass field (for --help), read from the source once per class."""
-    return _field_docs(cls).get(name, "")
-
-
-@functools.cache
-def _field_docs(cls: type) -> dict[str, str]:
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {node.target.id: " ".join(nxt.value.value.split()) for node, nxt in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
-
-
-def default(cls: type, name: str) -> Any:
-    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def sae_default(name: str) -> Any:

@@ -139,6 +139,7 @@ def test_a_new_architecture_needs_only_its_registry_entry(monkeypatch, tmp_path)
 
 
 def test_arch_help_names_every_registered_architecture():
-    from sae_cache.sae_common.config import TrainConfig, field_doc
+    from sae_cache.sae_common.config import TrainConfig
+    from sae_cache.sae_common.field_docs import field_doc
 
     assert all(name in field_doc(TrainConfig, "archs") for name in ARCHS)

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sae_cache.sae_common.architectures import rectangle
+from sae_cache.sae_common.jumprelu_ste import rectangle
 from sae_cache.sae_common.sae import SAE, SAEConfig, standardize
 from tests.golden_reference import ARCH_OF, SEEDS, generate_case
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sae_cache.sae_common.architectures import (ARCHS, aux_reconstruction_loss, batch_topk, feature_choice,
-                                                plain_reconstruction, rectangle)
+                                                plain_reconstruction)
+from sae_cache.sae_common.jumprelu_ste import rectangle
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae import SAE, SAEConfig
 
