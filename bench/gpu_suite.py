@@ -20,6 +20,7 @@ Lines, in order (every line has "bench"):
                and an int8 cache of the same synthetic rows: tokens/s, GB/s of stored bytes and of bf16 rows.
   sweep        `sae train`'s one pass over 4 SAEs (TopK and BatchTopK, k=16 and 32) with the real loader.
   sae_lens     whether SAELens was measured, and why not where it was not.
+  scaling      the command that measures sae train on 1 vs N GPUs under torchrun (bench/scaling_bench.py).
 
 SAELens runs in its own virtualenv (bench/saelens_env.py, --venv); it is built only where PyPI answers (a lent
 GPU machine has no network: build the virtualenv beforehand, or the train_step lines carry null for it).
@@ -206,6 +207,16 @@ def sweep_figures(s: dict, device: str, dtype: str, cache: Path, work: Path) -> 
             "tokens_per_s": round(tokens / seconds), "sae_tokens_per_s": round(len(archs) * len(ks) * tokens / seconds)}
 
 
+def scaling_line(device: str) -> dict:
+    """The multi-GPU figure is its own command: torchrun needs the whole node, and this suite runs in one process."""
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    n = max(gpus, 2)
+    return {"bench": "scaling", "gpus": gpus, "measured": False,
+            "command": f".venv/bin/python bench/scaling_bench.py --device {'cuda' if gpus else 'cpu'} --nproc {n} "
+                       f"--saes {2 * n} --d-model 2304 --tokens 4194304",
+            "why": "sweep-parallel sae train on 1 vs N ranks under torchrun; run it beside this suite"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU unless --device says otherwise")
@@ -232,6 +243,7 @@ def main() -> None:
             emit(row)
         emit(sweep_figures(s, device, dtype, caches["bfloat16"], work))
         emit({"bench": "sae_lens", "measured": venv is not None, "why": why, "venv": str(args.venv)})
+        emit(scaling_line(device))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

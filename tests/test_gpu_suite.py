@@ -23,6 +23,7 @@ KEYS = {
     "loader": {"stored_dtype", "tokens_per_s", "stored_gb_per_s", "bf16_gb_per_s"},
     "sweep": {"saes", "tokens", "wall_s", "tokens_per_s", "sae_tokens_per_s"},
     "sae_lens": {"measured", "why"},
+    "scaling": {"gpus", "command"},
 }
 
 
@@ -36,7 +37,7 @@ def check_lines(rows: list[dict], device: str) -> None:
     from sae_cache.sae_common.architectures import ARCHS
 
     assert [r["bench"] for r in rows] == (["device", "harvest", "encoder_gemm"] + ["train_step"] * len(ARCHS)
-                                          + ["loader", "loader", "sweep", "sae_lens"])
+                                          + ["loader", "loader", "sweep", "sae_lens", "scaling"])
     for r in rows:
         assert KEYS[r["bench"]] <= r.keys(), (r["bench"], KEYS[r["bench"]] - r.keys())
     by = {r["bench"]: r for r in rows}
