@@ -1,17 +1,23 @@
-"""Training-step throughput, ours vs SAELens, at the BatchTopK paper's GPT-2 shape; one JSON line each.
+"""Training-step throughput, ours vs SAELens and vs the encoder-GEMM bound; one JSON line each.
 
-Same invocation, same machine, same shapes (default d=768, 12288 latents, batch 4096, k=32), same kind of
-data: for every architecture, our step (forward, backward, decoder constraint, Adam) and, for those SAELens
-has, its TrainingSAE step (training_forward_pass, backward, Adam), run in a separate virtualenv so SAELens
-never enters the project's. Also the encoder GEMM alone (2·B·d·F FLOPs, the only dense work a TopK-family
-step needs), which bounds the TopK family's tokens/s on this machine.
+Same invocation, same machine, same shapes, same kind of data: for every architecture, our step (forward,
+backward, decoder constraint, Adam: what `sae train` runs per SAE and batch) and, for those SAELens has, its
+TrainingSAE step (training_forward_pass, backward, Adam), run in a separate virtualenv so SAELens never enters
+the project's. The bound is the encoder GEMM alone, addmm(b_enc, x, W_enc) (2·B·d·F FLOPs, the only dense work a
+TopK-family step needs), timed in the same process, alternating with our step: each figure is the best of
+--steps alternating runs, so a busy neighbour slows both alike and the fraction of the bound stays honest.
+
+Shapes: --shape gpt2 (the BatchTopK paper's d=768, 12288 latents, batch 4096) or gemma-2-2b (layer 12's
+d=2304, 16384 latents, batch 2048), k=32; --d/--latents/--batch override. No latent is dead unless --dead marks
+that fraction dead (their encoder bias lowered so they stay dead; SAELens gets the same mask): the auxiliary
+loss's cost is then in both steps.
 
 Our steps run with the allocator setting `sae` makes when it starts (sae_common/allocator.py; --allocator
 default leaves glibc as it is). SAELens runs both ways: as its users run it, and with the same setting (through
 glibc's environment variables), so the ratio it gets from the allocator alone is visible.
 
-    .venv/bin/python bench/train_bench.py [--archs batchtopk,topk] [--steps 3] [--venv /tmp/sae-lens-venv]
-    .venv/bin/python bench/train_bench.py --device cuda --dtype bfloat16 --d 2304 --latents 16384
+    .venv/bin/python bench/train_bench.py [--shape gpt2|gemma-2-2b] [--archs batchtopk,topk] [--steps 5]
+    .venv/bin/python bench/train_bench.py --device cuda --dtype bfloat16 --shape gemma-2-2b
 """
 
 from __future__ import annotations
@@ -33,14 +39,15 @@ from saelens_env import DEFAULT_VENV, saelens_python  # noqa: E402
 from sae_cache.sae_common.allocator import AS_ENVIRONMENT, retain_freed_memory  # noqa: E402
 
 SAELENS_ARCHS = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
+SHAPES = {"gpt2": dict(d=768, F=12288, B=4096), "gemma-2-2b": dict(d=2304, F=16384, B=2048)}
 
-# Runs inside the SAELens virtualenv: prints tokens/s of its training step for one architecture.
+# Runs inside the SAELens virtualenv: prints tokens/s of its training step for one architecture (best step).
 SAELENS_STEP = r"""
 import json, sys, time, torch
 from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, \
     BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
-arch, d, F, B, k, steps, device = json.loads(sys.argv[1])
+arch, d, F, B, k, steps, device, dead = json.loads(sys.argv[1])
 torch.manual_seed(0)
 kinds = {"standard": (StandardTrainingSAE, StandardTrainingSAEConfig, {}),
          "topk": (TopKTrainingSAE, TopKTrainingSAEConfig, {"k": k}),
@@ -51,19 +58,23 @@ sae = cls(cfg_cls(d_in=d, d_sae=F, device=device, **extra))
 opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
 coefficients = {name: getattr(c, "value", c) for name, c in sae.get_coefficients().items()}
 x = torch.randn(B, d, device=device) * 3 + 1
-dead = torch.zeros(F, dtype=torch.bool, device=device)
+mask = torch.zeros(F, dtype=torch.bool, device=device)
+mask[torch.randperm(F, generator=torch.Generator().manual_seed(1))[:int(dead * F)].to(device)] = True
 def step(i):
     opt.zero_grad()
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=dead,
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=mask,
                                                    n_training_steps=i, is_logging_step=False))
     out.loss.backward()
     opt.step()
 step(0)
-if device.startswith("cuda"): torch.cuda.synchronize()
-t0 = time.perf_counter()
-for i in range(steps): step(i + 1)
-if device.startswith("cuda"): torch.cuda.synchronize()
-print(json.dumps({"tokens_per_s": steps * B / (time.perf_counter() - t0)}))
+times = []
+for i in range(steps):
+    if device.startswith("cuda"): torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(i + 1)
+    if device.startswith("cuda"): torch.cuda.synchronize()
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"tokens_per_s": B / min(times)}))
 """
 
 
@@ -72,58 +83,82 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(arch: str, d: int, F: int, B: int, k: int, steps: int, device: str, dtype: str, sparse: bool,
-         density: float | None = None, max_density: float | None = None) -> float:
-    """Tokens/s of our step. relu and jumprelu: b_enc shifted so that `density` of the entries are active (a
-    trained SAE's sparsity; at init about half are), and max_density (1.0: always sparse) overriding the
-    measured decision."""
+def _time(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def best_alternating(runs: dict, rounds: int, device: str) -> dict[str, float]:
+    """Each callable once (a warm-up), then `rounds` rounds running each in turn: the best seconds of each."""
+    for fn in runs.values():
+        _time(fn, device)
+    best = {name: float("inf") for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            best[name] = min(best[name], _time(fn, device))
+    return best
+
+
+def our_step(arch: str, d: int, F: int, B: int, k: int, device: str, dtype: str, sparse: bool = True,
+             density: float | None = None, max_density: float | None = None, dead: float = 0.0):
+    """A callable running one of our training steps (Member.step) on a fixed batch. relu and jumprelu: b_enc
+    shifted so that `density` of the entries are active (a trained SAE's sparsity; at init about half are), and
+    max_density (1.0: always sparse) overriding the measured decision. dead: that fraction of the latents dead
+    (and kept dead: their encoder bias lowered); none otherwise, whatever the bench's length."""
     from sae_cache.sae_common.sae import SAE, SAEConfig
     from sae_cache.train.trainer import Member
 
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=d, d_sae=F, arch=arch, k=k)).to(device)
+    sae = SAE(SAEConfig(d_in=d, d_sae=F, arch=arch, k=k, dead_tokens=2**62)).to(device)
     sae.sparse_training = sparse
     if max_density is not None:
         sae.sparse_max_density = max_density
     x = torch.randn(B, d, device=device) * 3 + 1
     sae.set_input_scale(x) if sae.cfg.input_norm == "scalar" else None
-    if density is not None and sae.arch.active is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if density is not None and sae.arch.active is not None:
             sample = sae.pre_activations(sae.normalize(x)[0]).flatten()[::101]
             sae.b_enc -= sample.kthvalue(max(1, int((1 - density) * sample.numel()))).values
+        dead_F = torch.randperm(F, generator=torch.Generator().manual_seed(1))[:int(dead * F)].to(device)
+        sae.b_enc[dead_F] -= 1e3
+        sae.tokens_since_fired[dead_F] = sae.cfg.dead_tokens
     member = Member(arch, sae, torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99), fused=True),
                     autocast=torch.bfloat16 if dtype == "bfloat16" else None)
     sae.train()
-    member.step(x)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        member.step(x)
-    sync(device)
-    return steps * B / (time.perf_counter() - t0)
+    return lambda: member.step(x)
+
+
+def encoder_gemm(d: int, F: int, B: int, device: str, dtype: str):
+    """A callable running x @ W_enc + b_enc alone (one addmm): what a TopK-family step could reach if nothing
+    else cost anything."""
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    x, W, b = (torch.randn(*s, device=device, dtype=dt) for s in ((B, d), (d, F), (F,)))
+    return lambda: torch.addmm(b, x, W)
+
+
+def ours(arch: str, d: int, F: int, B: int, k: int, steps: int, device: str, dtype: str, sparse: bool,
+         density: float | None = None, max_density: float | None = None) -> float:
+    """Tokens/s of our step, the best of `steps`."""
+    step = our_step(arch, d, F, B, k, device, dtype, sparse, density, max_density)
+    return B / best_alternating({"step": step}, steps, device)["step"]
 
 
 def encoder_gemm_bound(d: int, F: int, B: int, steps: int, device: str, dtype: str) -> float:
-    """Tokens/s of x @ W_enc alone: what a TopK-family step could reach if nothing else cost anything."""
-    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    x, W = torch.randn(B, d, device=device, dtype=dt), torch.randn(d, F, device=device, dtype=dt)
-    x @ W
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x @ W
-    sync(device)
-    return steps * B / (time.perf_counter() - t0)
+    """Tokens/s of the encoder GEMM alone, the best of `steps`."""
+    return B / best_alternating({"gemm": encoder_gemm(d, F, B, device, dtype)}, steps, device)["gemm"]
 
 
 def saelens(venv: Path, arch: str, d: int, F: int, B: int, k: int, steps: int, device: str,
-            env: dict[str, str] | None = None) -> float | None:
+            env: dict[str, str] | None = None, dead: float = 0.0) -> float | None:
     python = saelens_python(venv)
     if python is None:
         return None
     done = subprocess.run([str(python), "-c", SAELENS_STEP, json.dumps([SAELENS_ARCHS[arch], d, F, B, k, steps,
-                                                                        device])], capture_output=True, text=True,
-                          env=None if env is None else os.environ | env)
+                                                                        device, dead])], capture_output=True,
+                          text=True, env=None if env is None else os.environ | env)
     if done.returncode:
         print(done.stderr[-2000:], file=sys.stderr)
         return None
@@ -132,14 +167,17 @@ def saelens(venv: Path, arch: str, d: int, F: int, B: int, k: int, steps: int, d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--archs", default="batchtopk,topk,relu,jumprelu,feature_choice,mutual_choice")
-    ap.add_argument("--d", type=int, default=768)
-    ap.add_argument("--latents", type=int, default=12288)
-    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--archs", default="batchtopk,topk,relu,jumprelu,feature_choice,mutual_choice,"
+                                       "matryoshka_batchtopk")
+    ap.add_argument("--shape", default="gpt2", choices=sorted(SHAPES))
+    ap.add_argument("--d", type=int, default=None)
+    ap.add_argument("--latents", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="alternating runs of each; the best counts")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dead", type=float, default=0.0, help="the fraction of latents dead (AuxK's candidates)")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--no-saelens", action="store_true")
     ap.add_argument("--density", type=float, default=None,
@@ -148,39 +186,44 @@ def main() -> None:
     ap.add_argument("--allocator", default="retain", choices=["retain", "default"],
                     help="retain: keep freed memory, as `sae` does (the default); default: glibc's own behaviour")
     args = ap.parse_args()
-    retained = args.allocator == "retain" and retain_freed_memory()
-    shape = dict(d=args.d, F=args.latents, B=args.batch, k=args.k, steps=args.steps, device=args.device)
-    bound = encoder_gemm_bound(args.d, args.latents, args.batch, args.steps, args.device, args.dtype)
-    flops = 2 * args.batch * args.d * args.latents
-    print(json.dumps({"bench": "encoder_gemm", **shape, "dtype": args.dtype, "tokens_per_s": round(bound),
-                      "tflops": round(flops * bound / args.batch / 1e12, 3)}), flush=True)
-    for arch in args.archs.split(","):
-        fast = ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, True,
-                    args.density)
-        row = {"bench": "train_step", "arch": arch, **shape, "dtype": args.dtype, "freed_memory_retained": retained,
-               "ours_tokens_per_s": round(fast),
-               "fraction_of_encoder_gemm_bound": round(fast / bound, 3)}
-        from sae_cache.sae_common.architectures import ARCHS
+    from sae_cache.sae_common.architectures import ARCHS
 
-        if ARCHS[arch].active is not None and args.density is not None:
-            row["density"] = args.density  # the measured decision (above) against each path forced
-            row["ours_sparse_path_tokens_per_s"] = round(
-                ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, True,
-                     args.density, max_density=1.0))
+    retained = args.allocator == "retain" and retain_freed_memory()
+    d, F, B = (given or SHAPES[args.shape][key] for given, key in ((args.d, "d"), (args.latents, "F"),
+                                                                   (args.batch, "B")))
+    shape = dict(shape=args.shape, d=d, F=F, B=B, k=args.k, steps=args.steps, device=args.device,
+                 dtype=args.dtype, dead=args.dead)
+    gemm = encoder_gemm(d, F, B, args.device, args.dtype)
+    for arch in args.archs.split(","):
+        runs = {"gemm": gemm, "ours": our_step(arch, d, F, B, args.k, args.device, args.dtype, True, args.density,
+                                               dead=args.dead)}
+        if ARCHS[arch].active is not None and args.density is not None:  # the measured decision vs each path forced
+            runs["sparse_path"] = our_step(arch, d, F, B, args.k, args.device, args.dtype, True, args.density, 1.0,
+                                           dead=args.dead)
         if ARCHS[arch].select is not None or ARCHS[arch].active is not None:  # the dense reference path
-            row["ours_dense_path_tokens_per_s"] = round(
-                ours(arch, args.d, args.latents, args.batch, args.k, args.steps, args.device, args.dtype, False,
-                     args.density))
+            runs["dense_path"] = our_step(arch, d, F, B, args.k, args.device, args.dtype, False, args.density,
+                                          dead=args.dead)
+        best = best_alternating(runs, args.steps, args.device)
+        del runs
+        rate = B / best["ours"]
+        row = {"bench": "train_step", "arch": arch, **shape, "freed_memory_retained": retained,
+               "ours_tokens_per_s": round(rate), "encoder_gemm_tokens_per_s": round(B / best["gemm"]),
+               "encoder_gemm_tflops": round(2 * d * F / best["gemm"] * B / 1e12, 3),
+               "fraction_of_encoder_gemm_bound": round(best["gemm"] / best["ours"], 3)}
+        if args.density is not None and ARCHS[arch].active is not None:
+            row["density"] = args.density
+        for path in ("sparse_path", "dense_path"):
+            if path in best:
+                row[f"ours_{path}_tokens_per_s"] = round(B / best[path])
         if arch in SAELENS_ARCHS and not args.no_saelens:
-            theirs = saelens(args.venv, arch, args.d, args.latents, args.batch, args.k, args.steps, args.device)
+            theirs = saelens(args.venv, arch, d, F, B, args.k, args.steps, args.device, dead=args.dead)
             if theirs:
-                row.update(sae_lens_tokens_per_s=round(theirs), ratio_vs_sae_lens=round(fast / theirs, 2))
+                row.update(sae_lens_tokens_per_s=round(theirs), ratio_vs_sae_lens=round(rate / theirs, 2))
             if theirs and retained:
-                same = saelens(args.venv, arch, args.d, args.latents, args.batch, args.k, args.steps, args.device,
-                               AS_ENVIRONMENT)
+                same = saelens(args.venv, arch, d, F, B, args.k, args.steps, args.device, AS_ENVIRONMENT, args.dead)
                 if same:
                     row.update(sae_lens_same_allocator_tokens_per_s=round(same),
-                               ratio_vs_sae_lens_same_allocator=round(fast / same, 2))
+                               ratio_vs_sae_lens_same_allocator=round(rate / same, 2))
         print(json.dumps(row), flush=True)
 
 
