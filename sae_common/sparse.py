@@ -9,11 +9,20 @@ row-major, and everything after the encoder GEMM costs O(n·d):
     vals_N  = gather_pre(pre_BF, x_BD, W_enc, b_enc, b_dec, sel)   # grads: W_enc, b_enc, b_dec
     x̂_BD    = sparse_decode(vals_N, W_dec, sel)                     # grads: vals, W_dec
 
-Both are bags of rows (torch's embedding_bag: a sparse-times-dense product in one pass over the kept entries,
-with a sparse backward), tested equal to the dense path in tests/test_sparse.py.
+Their forwards and weight gradients are bags of rows (torch's embedding_bag: a sparse-times-dense product in one
+pass over the kept entries), the kept values' gradient a sampled dense product (torch.sparse.sampled_addmm);
+all tested equal to the dense path in tests/test_sparse.py.
+
+Where a BatchTopK step's time goes beside the encoder GEMM (bench/train_bench.py, 2-core CPU, float32), and
+what each change here bought: the selection (one pass over B·F to find the candidates above a sampled
+threshold, nonzero_flat reading 8 flags at a time), the sparse products, the encoder gradient's transpose
+(blocked), the decoder constraint (blocked, in place; sae.py) and fused Adam. README "Performance" has the figures.
 """
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -26,6 +35,7 @@ class Selection:
     def __init__(self, flat_N: Tensor, shape: tuple[int, int]):
         B, F = shape
         self.shape = shape
+        self.flat = flat_N
         self.rows = torch.div(flat_N, F, rounding_mode="floor")
         self.cols = flat_N % F
         self.offsets = _offsets(self.rows, B)
@@ -33,7 +43,11 @@ class Selection:
 
     def subset(self, keep_N: Tensor) -> "Selection":
         """The kept entries where keep_N is True (still sorted row-major)."""
-        return Selection((self.rows * self.shape[1] + self.cols)[keep_N], self.shape)
+        return Selection(self.flat[keep_N], self.shape)
+
+    def crow(self) -> Tensor:
+        """CSR row pointers [B + 1]: the offsets with the end."""
+        return torch.cat([self.offsets, self.offsets.new_full((1,), len(self.cols))])
 
     def by_column(self) -> tuple[Tensor, Tensor, Tensor]:
         """(order, rows in column-major order, column offsets): the transpose, computed once."""
@@ -69,7 +83,7 @@ class _GatherPre(torch.autograd.Function):
     def forward(ctx, pre_BF, x_in_BD, W_enc, b_enc, b_dec, sel):
         ctx.save_for_backward(x_in_BD, W_enc, b_dec)
         ctx.sel = sel
-        return pre_BF[sel.rows, sel.cols].to(W_enc.dtype)
+        return pre_BF.view(-1)[sel.flat].to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, g_N):
@@ -80,10 +94,20 @@ class _GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             x_c_BD = (x_in_BD - b_dec if b_dec is not None else x_in_BD).to(g_N.dtype)
             order, rows_by_col, col_offsets = sel.by_column()
-            g_W_enc = bag_sum(x_c_BD, rows_by_col, col_offsets, g_N[order]).T  # [F, D] -> [D, F]
+            g_W_enc = transpose(bag_sum(x_c_BD, rows_by_col, col_offsets, g_N[order]))  # [F, D] -> [D, F]
         if b_dec is not None and ctx.needs_input_grad[4]:
             g_b_dec = -(W_enc @ g_b_enc_F)
         return None, None, g_W_enc, g_b_enc_F, g_b_dec, None
+
+
+def transpose(a_FD: Tensor, block: int = 256) -> Tensor:
+    """a.T made contiguous, a block of rows at a time: each block's transpose stays in cache, measured 2x
+    faster than one copy of the whole (~28 against ~55 ms at gemma-2-2b's [16384, 2304] on a 2-core CPU).
+    Parameters keep their contiguous layout: fused Adam copies any other to contiguous and back, ~10x slower."""
+    out = a_FD.new_empty(a_FD.shape[::-1])
+    for lo in range(0, a_FD.shape[0], block):
+        out[:, lo:lo + block].copy_(a_FD[lo:lo + block].T)
+    return out
 
 
 def gather_pre(pre_BF: Tensor, x_in_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,
@@ -92,11 +116,47 @@ def gather_pre(pre_BF: Tensor, x_in_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_
     return _GatherPre.apply(pre_BF, x_in_BD, W_enc, b_enc, b_dec, sel)
 
 
+class _SparseDecode(torch.autograd.Function):
+    """x̂_BD = S W_dec with S the sparse [B, F] matrix of the kept values vals_N, and its gradient:
+    dvals_n = g[rows_n] · W_dec[cols_n] (a sampled dense product, SDDMM) and dW_dec = Sᵀ g (a bag of g's rows
+    per latent, in the column order the encoder gradient uses too). embedding_bag's own backward gives the
+    same; these are measured ~1.5-2x faster on CPU (bench/train_bench.py), and W_dec's gradient comes out
+    in W_dec's layout."""
+
+    @staticmethod
+    def forward(ctx, vals_N, W_dec, sel):
+        ctx.save_for_backward(vals_N, W_dec)
+        ctx.sel = sel
+        return bag_sum(W_dec, sel.cols, sel.offsets, vals_N)
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        vals_N, W_dec = ctx.saved_tensors
+        sel = ctx.sel
+        g_vals = g_W_dec = None
+        if ctx.needs_input_grad[0]:
+            g_vals = sampled_dot(g_BD, W_dec, sel)
+        if ctx.needs_input_grad[1]:
+            order, rows_by_col, col_offsets = sel.by_column()
+            g_W_dec = bag_sum(g_BD.contiguous(), rows_by_col, col_offsets, vals_N[order])
+        return g_vals, g_W_dec, None
+
+
+def sampled_dot(a_BD: Tensor, b_FD: Tensor, sel: Selection) -> Tensor:
+    """[n]: a[rows_n] · b[cols_n], the entries of a bᵀ at the selection only (torch.sparse.sampled_addmm on
+    the selection's CSR pattern: one pass over the kept entries, no [B, F] product)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(sel.crow(), sel.cols, a_BD.new_zeros(len(sel.cols)), sel.shape,
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
+
+
 def sparse_decode(vals_N: Tensor, W_dec: Tensor, sel: Selection) -> Tensor:
     """x̂_BD = S W_dec (no b_dec), S the sparse [B, F] matrix of the kept values; gradients to vals and W_dec
-    from embedding_bag's backward (only the kept entries and rows)."""
+    only at the kept entries and their rows (_SparseDecode)."""
     with torch.autocast(W_dec.device.type, enabled=False):  # sparse products in the weights' dtype (float32)
-        return bag_sum(W_dec, sel.cols, sel.offsets, vals_N.to(W_dec.dtype))
+        return _SparseDecode.apply(vals_N.to(W_dec.dtype), W_dec, sel)
 
 
 # The sparse path of an activation that keeps whatever is active (relu, jumprelu) pays below this fraction of
@@ -154,6 +214,15 @@ def topk_flat(acts_BF: Tensor, k: int) -> Tensor:
     return (rows + idx_BK).flatten().sort().values
 
 
+def sample_stride(n: int, row_length: int, size: int = 1 << 18) -> int:
+    """A stride giving ~`size` samples of n flat entries, prime to the row length so that the sample visits
+    every column (latent): 50M entries of 12288 latents at stride 192 would see only 64 of them."""
+    stride = max(1, n // size)
+    while math.gcd(stride, row_length) != 1:
+        stride += 1
+    return stride
+
+
 def batch_topk_flat(acts_BF: Tensor, n_keep: int) -> Tensor:
     """Flat indices of the n_keep largest entries of the whole matrix (BatchTopK), sorted.
 
@@ -164,17 +233,29 @@ def batch_topk_flat(acts_BF: Tensor, n_keep: int) -> Tensor:
     """
     flat = acts_BF.flatten()
     n = flat.numel()
-    stride = max(1, n // (1 << 18))
-    sample = flat[::stride]
+    sample = flat[::sample_stride(n, acts_BF.shape[-1])]
     if n_keep * 8 < n and sample.numel() > 1000:
-        # about twice the entries needed lie above the sample's m-th largest value (kthvalue: a selection,
-        # not a sort; torch.quantile sorts and costs more than the whole selection it is meant to speed up)
-        m = max(1, int(2 * n_keep / n * sample.numel()))
+        # about 1.5 times the entries needed lie above the sample's m-th largest value (m >= ~750 at the
+        # paper's shapes, so the count's relative spread is under 4%: too few candidates is a >10σ event, and
+        # falls back). kthvalue: a selection, not a sort; torch.quantile sorts and costs more than the whole
+        # selection it is meant to speed up.
+        m = max(1, int(1.5 * n_keep / n * sample.numel()))
         threshold = sample.kthvalue(sample.numel() - m).values
-        candidates = (flat > threshold).nonzero().squeeze(1)
+        candidates = nonzero_flat(flat > threshold)
         if candidates.numel() >= n_keep:
             return candidates[flat[candidates].topk(n_keep, sorted=False).indices].sort().values
     return flat.topk(n_keep, sorted=False).indices.sort().values
+
+
+def nonzero_flat(mask_N: Tensor) -> Tensor:
+    """mask_N.nonzero() of a 1-d bool mask, for a sparse one: 8 flags at a time, read as one int64 word, then
+    the flags of the words that hold any (a bool nonzero does one flag per step: ~1.5x slower at 1% set)."""
+    if mask_N.numel() % 8 or mask_N.storage_offset() % 8 or not mask_N.is_contiguous():
+        return mask_N.nonzero().squeeze(1)
+    words_W = mask_N.view(torch.int64)
+    set_W = words_W.nonzero().squeeze(1)
+    word, flag = words_W[set_W].view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
+    return set_W[word] * 8 + flag
 
 
 def mask_flat(mask_BF: Tensor) -> Tensor:

@@ -339,3 +339,17 @@ def test_matryoshka_resumes_exactly_from_a_checkpoint(tmp_path):
         else:
             assert torch.equal(a, b), name
     torch.testing.assert_close(resumed.sae.inference_threshold(), whole.sae.inference_threshold(), rtol=1e-6, atol=0)
+
+
+def test_blocked_decoder_constraint_equals_the_whole_matrix_formula():
+    """constrain_decoder works a block of 1024 rows at a time; 2500 latents cross two block edges."""
+    sae = SAE(SAEConfig(d_in=8, d_sae=2500, arch="topk", k=4))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(2500, 1, generator=g) + 0.5)
+    sae.W_dec.grad = torch.randn(2500, 8, generator=g)
+    W_unit = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    grad = sae.W_dec.grad - (sae.W_dec.grad * W_unit).sum(1, keepdim=True) * W_unit
+    sae.constrain_decoder()
+    torch.testing.assert_close(sae.W_dec.detach(), W_unit, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sae.W_dec.grad, grad, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,8 @@ import torch
 from sae_cache.sae_common.architectures import ARCHS
 from sae_cache.sae_common.sae import SAE, SAEConfig
 from sae_cache.sae_common.sparse import (SPARSE_MAX_DENSITY, Selection, batch_topk_flat, densify, gather_pre,
-                                         sparse_decode, sparse_pays, topk_flat)
+                                         nonzero_flat, sample_stride, sampled_dot, sparse_decode, sparse_pays,
+                                         topk_flat, transpose)
 
 SPARSE_ARCHS = [name for name, arch in ARCHS.items() if arch.select is not None]
 ACTIVE_ARCHS = [name for name, arch in ARCHS.items() if arch.active is not None]
@@ -235,3 +236,31 @@ def test_each_step_takes_the_path_its_density_pays_for(arch):
 def test_sparse_pays_below_the_measured_density():
     assert sparse_pays(5, 100, 0.05) and not sparse_pays(6, 100, 0.05)
     assert 0 < SPARSE_MAX_DENSITY < 1
+
+
+@pytest.mark.parametrize("n,density", [(4096 * 96, 0.01), (800, 0.5), (1000, 0.0), (1000, 1.0), (1001, 0.3)])
+def test_nonzero_flat_equals_nonzero(n, density):
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(5)) < density
+    assert torch.equal(nonzero_flat(mask), mask.nonzero().squeeze(1))
+    assert torch.equal(nonzero_flat(mask[1:]), mask[1:].nonzero().squeeze(1))  # not a multiple of 8 words
+
+
+def test_blocked_transpose_equals_the_transpose():
+    a = torch.randn(700, 33, generator=torch.Generator().manual_seed(6))  # 700: not a multiple of the block
+    t = transpose(a, block=256)
+    assert t.is_contiguous() and torch.equal(t, a.T)
+
+
+def test_sampled_dot_equals_the_gathered_dot_products():
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(B, D, generator=g), torch.randn(F, D, generator=g)
+    sel = Selection(batch_topk_flat(torch.randn(B, F, generator=g), B * K), (B, F))
+    want = (a[sel.rows] * b[sel.cols]).sum(1)
+    torch.testing.assert_close(sampled_dot(a, b, sel), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,row_length", [(4096 * 12288, 12288), (2048 * 16384, 16384), (100, 7), (10**6, 3 * 5 * 7)])
+def test_the_threshold_sample_visits_every_column(n, row_length):
+    stride = sample_stride(n, row_length)
+    columns = torch.arange(0, n, stride) % row_length
+    assert len(columns.unique()) == min(row_length, len(columns))
