@@ -18,7 +18,8 @@ from sae_cache.sae_common import distributed as D
 from sae_cache.sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae_config import SAEConfig  # noqa: F401  (re-exported: the SAE's config)
-from sae_cache.sae_common.sparse import (Latents, Selection, densify, gather_pre, mask_flat, sparse_decode,
+from sae_cache.sae_common.sparse import (Latents, Selection, densify, gather_columns, gather_pre, mask_flat,
+                                         sparse_decode,
                                          SPARSE_MAX_DENSITY, sparse_pays)
 
 
@@ -233,14 +234,14 @@ class SAE(nn.Module):
         per FLOP): dense unless candidates far outnumber aux_k."""
         weight_F = self.arch.aux_weights(self)
         cand_C = (weight_F > 0).nonzero().squeeze(1)
-        if len(cand_C) == 0:
+        if len(cand_C) == 0 or self.cfg.aux_coeff == 0:  # aux_coeff 0: no loss, no gradient, nothing to compute
             return xn_BD.new_zeros(())
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         if dense or len(cand_C) < 16 * self.cfg.aux_k:
             if dense:
                 pre_BC = pre_BF[:, cand_C]
-            else:
-                pre_BC = (xn_BD - b_dec if b_dec is not None else xn_BD) @ self.W_enc[:, cand_C] + self.b_enc[cand_C]
+            else:  # the columns of the pre_BF this step has, with their encoder gradient (no GEMM to redo them)
+                pre_BC = gather_columns(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, cand_C)
             aux = aux_reconstruction_loss(pre_BC, weight_F[cand_C], self.W_dec[cand_C], residual_BD, self.cfg.aux_k)
         else:
             B, F = pre_BF.shape

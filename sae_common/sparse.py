@@ -100,6 +100,38 @@ class _GatherPre(torch.autograd.Function):
         return None, None, g_W_enc, g_b_enc_F, g_b_dec, None
 
 
+class _GatherColumns(torch.autograd.Function):
+    """pre[:, cand_C] where pre = (x − b_dec) W_enc + b_enc, from the pre_BF the step already has (no graph), with
+    the gradient of that formula: dW_enc[:, cand] = (x − b_dec)ᵀ G, db_enc[cand] = Σ_b G, db_dec = −W_enc[:, cand] Σ_b G.
+    The auxiliary loss's candidate columns on the sparse path: recomputing them as (x − b_dec) W_enc[:, cand] +
+    b_enc[cand] costs a [B, d] x [d, C] GEMM forward and another backward (through x − b_dec) that this avoids."""
+
+    @staticmethod
+    def forward(ctx, pre_BF, x_in_BD, W_enc, b_enc, b_dec, cand_C):
+        ctx.save_for_backward(x_in_BD, W_enc, b_dec, cand_C)
+        return pre_BF.index_select(1, cand_C).to(W_enc.dtype)
+
+    @staticmethod
+    def backward(ctx, g_BC):
+        x_in_BD, W_enc, b_dec, cand_C = ctx.saved_tensors
+        g_C = g_BC.sum(0)
+        g_b_enc = g_C.new_zeros(W_enc.shape[1]).index_copy_(0, cand_C, g_C)
+        g_W_enc = g_b_dec = None
+        if ctx.needs_input_grad[2]:
+            x_c_BD = (x_in_BD - b_dec if b_dec is not None else x_in_BD).to(g_BC.dtype)
+            g_W_enc = torch.zeros_like(W_enc).index_copy_(1, cand_C, x_c_BD.T @ g_BC)
+        if b_dec is not None and ctx.needs_input_grad[4]:
+            g_b_dec = -(W_enc.index_select(1, cand_C) @ g_C)
+        return None, None, g_W_enc, g_b_enc, g_b_dec, None
+
+
+def gather_columns(pre_BF: Tensor, x_in_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,
+                   cand_C: Tensor) -> Tensor:
+    """The pre-activations of the latents cand_C (sorted, distinct), with their encoder gradient (b_dec=None: b_dec
+    not subtracted)."""
+    return _GatherColumns.apply(pre_BF, x_in_BD, W_enc, b_enc, b_dec, cand_C)
+
+
 def transpose(a_FD: Tensor, block: int = 256) -> Tensor:
     """a.T made contiguous, a block of rows at a time: each block's transpose stays in cache, measured 2x
     faster than one copy of the whole (~28 against ~55 ms at gemma-2-2b's [16384, 2304] on a 2-core CPU).

@@ -143,3 +143,12 @@ def test_arch_help_names_every_registered_architecture():
     from sae_cache.sae_common.field_docs import field_doc
 
     assert all(name in field_doc(TrainConfig, "archs") for name in ARCHS)
+
+
+def test_topk_down_columns_in_blocks_equals_one_topk():
+    from sae_cache.sae_common.architectures import topk_down_columns
+
+    acts = torch.randn(300, 1000, generator=torch.Generator().manual_seed(9))  # 1000: not a multiple of the block
+    vals, idx = topk_down_columns(acts, 7, block=128)
+    want_vals, want_idx = acts.topk(7, dim=0)
+    assert torch.equal(vals, want_vals) and torch.equal(idx, want_idx)

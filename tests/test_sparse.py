@@ -7,7 +7,8 @@ import torch
 
 from sae_cache.sae_common.architectures import ARCHS
 from sae_cache.sae_common.sae import SAE, SAEConfig
-from sae_cache.sae_common.sparse import (SPARSE_MAX_DENSITY, Selection, batch_topk_flat, densify, gather_pre,
+from sae_cache.sae_common.sparse import (SPARSE_MAX_DENSITY, Selection, batch_topk_flat, densify, gather_columns,
+                                         gather_pre,
                                          nonzero_flat, sample_stride, sampled_dot, sparse_decode, sparse_pays,
                                          topk_flat, transpose)
 
@@ -264,3 +265,19 @@ def test_the_threshold_sample_visits_every_column(n, row_length):
     stride = sample_stride(n, row_length)
     columns = torch.arange(0, n, stride) % row_length
     assert len(columns.unique()) == min(row_length, len(columns))
+
+
+def test_gather_columns_has_the_recomputed_columns_gradients():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(B, D, generator=g)
+    W_enc, b_enc, b_dec = (torch.randn(*s, generator=g, requires_grad=True) for s in ((D, F), (F,), (D,)))
+    cand = torch.tensor([0, 5, 17, 40, 95])
+    with torch.no_grad():
+        pre = (x - b_dec) @ W_enc + b_enc
+    weight = torch.randn(B, len(cand), generator=g)
+    got = torch.autograd.grad((gather_columns(pre, x, W_enc, b_enc, b_dec, cand) * weight).sum(), (W_enc, b_enc, b_dec))
+    recomputed = (x - b_dec) @ W_enc[:, cand] + b_enc[cand]
+    want = torch.autograd.grad((recomputed * weight).sum(), (W_enc, b_enc, b_dec))
+    for name, a, b in zip(("W_enc", "b_enc", "b_dec"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert got[0][:, 1].abs().max() == 0 and got[0][:, 5].abs().max() > 0  # only the candidates' columns
