@@ -103,16 +103,16 @@ def best_alternating(runs: dict, rounds: int, device: str) -> dict[str, float]:
 
 
 def our_step(arch: str, d: int, F: int, B: int, k: int, device: str, dtype: str, sparse: bool = True,
-             density: float | None = None, max_density: float | None = None, dead: float = 0.0):
+             density: float | None = None, max_density: float | None = None, dead: float = 0.0, **cfg):
     """A callable running one of our training steps (Member.step) on a fixed batch. relu and jumprelu: b_enc
     shifted so that `density` of the entries are active (a trained SAE's sparsity; at init about half are), and
     max_density (1.0: always sparse) overriding the measured decision. dead: that fraction of the latents dead
-    (and kept dead: their encoder bias lowered); none otherwise, whatever the bench's length."""
+    (and kept dead: their encoder bias lowered); none otherwise, whatever the bench's length. cfg: SAEConfig fields."""
     from sae_cache.sae_common.sae import SAE, SAEConfig
     from sae_cache.train.trainer import Member
 
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=d, d_sae=F, arch=arch, k=k, dead_tokens=2**62)).to(device)
+    sae = SAE(SAEConfig(d_in=d, d_sae=F, arch=arch, k=k, dead_tokens=2**62, **cfg)).to(device)
     sae.sparse_training = sparse
     if max_density is not None:
         sae.sparse_max_density = max_density
@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--dead", type=float, default=0.0, help="the fraction of latents dead (AuxK's candidates)")
+    ap.add_argument("--without-aux", action="store_true",
+                    help="also time each architecture with an auxiliary loss without it (aux_coeff 0): its share")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--no-saelens", action="store_true")
     ap.add_argument("--density", type=float, default=None,
@@ -203,6 +205,9 @@ def main() -> None:
         if ARCHS[arch].select is not None or ARCHS[arch].active is not None:  # the dense reference path
             runs["dense_path"] = our_step(arch, d, F, B, args.k, args.device, args.dtype, False, args.density,
                                           dead=args.dead)
+        if args.without_aux and ARCHS[arch].aux_weights is not None:
+            runs["without_aux"] = our_step(arch, d, F, B, args.k, args.device, args.dtype, dead=args.dead,
+                                           aux_coeff=0.0)
         best = best_alternating(runs, args.steps, args.device)
         del runs
         rate = B / best["ours"]
@@ -212,7 +217,7 @@ def main() -> None:
                "fraction_of_encoder_gemm_bound": round(best["gemm"] / best["ours"], 3)}
         if args.density is not None and ARCHS[arch].active is not None:
             row["density"] = args.density
-        for path in ("sparse_path", "dense_path"):
+        for path in ("sparse_path", "dense_path", "without_aux"):
             if path in best:
                 row[f"ours_{path}_tokens_per_s"] = round(B / best[path])
         if arch in SAELENS_ARCHS and not args.no_saelens:
