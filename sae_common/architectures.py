@@ -86,14 +86,25 @@ def feature_choice_mask(acts_BF: Tensor, n_keep: int) -> Tensor:
 
 # ---------------------------------------------------------------- auxiliary losses (pure)
 
+def aux_keep(pre_BC: Tensor, weight_C: Tensor, aux_k: int) -> Tensor:
+    """[B, C] bool: the entries of the auxiliary reconstruction, each token's aux_k largest w ⊙ ReLU(z) (all of
+    them when there are no more candidates than that) that are positive (the rest add nothing)."""
+    scores_BC = torch.relu(pre_BC.detach()) * weight_C
+    keep_BC = scores_BC > 0
+    if aux_k < pre_BC.shape[1]:
+        keep_BC &= torch.zeros_like(keep_BC).scatter_(1, scores_BC.topk(aux_k, dim=-1, sorted=False).indices, True)
+    return keep_BC
+
+
 def aux_reconstruction_loss(pre_BF: Tensor, weight_F: Tensor, W_dec_FD: Tensor, residual_BD: Tensor,
-                            aux_k: int) -> Tensor:
+                            aux_k: int, keep_BC: Tensor | None = None) -> Tensor:
     """mean_{b,d} (ê − e)², ê = TopK_aux(w ⊙ ReLU(z)) · W_dec: the weighted latents reconstruct the residual.
 
     With w = 1 on dead latents and 0 elsewhere this is AuxK (Gao et al. 2024, §A.2), with the mean over
     all B*D elements as the BatchTopK reference (no b_dec in ê). The residual e = x − x̂ is DETACHED, as in
     Gao et al. and openai/sparse_autoencoder: the auxiliary loss should move the candidate latents, not
     pull the main reconstruction towards them. (The BatchTopK reference does not detach it.)
+    keep_BC: aux_keep of the candidates, when the caller has it (pre_BF, weight_F, W_dec_FD then hold only them).
     """
     cand_F = weight_F > 0
     n_cand = int(cand_F.sum())
@@ -101,11 +112,10 @@ def aux_reconstruction_loss(pre_BF: Tensor, weight_F: Tensor, W_dec_FD: Tensor, 
         return pre_BF.new_zeros(())
     if n_cand < len(weight_F):  # (callers that pass only the candidates skip this copy)
         pre_BF, weight_F, W_dec_FD = pre_BF[:, cand_F], weight_F[cand_F], W_dec_FD[cand_F]
-    acts_BC = torch.relu(pre_BF) * weight_F
-    if aux_k < n_cand:  # each token's aux_k best; with fewer candidates than that, all of them
-        acts_BC = acts_BC * torch.zeros_like(acts_BC, dtype=torch.bool).scatter_(
-            1, acts_BC.detach().topk(aux_k, dim=-1, sorted=False).indices, True)
-    return (acts_BC @ W_dec_FD - residual_BD.detach()).pow(2).mean()
+    if keep_BC is None:
+        keep_BC = aux_keep(pre_BF, weight_F, aux_k)
+    e_hat_BD = (torch.relu(pre_BF) * weight_F * keep_BC) @ W_dec_FD
+    return (e_hat_BD - residual_BD.detach()).pow(2).mean()
 
 
 def zipf_fit(density_F: Tensor, exponent: float | None = None) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from sae_cache.sae_common import data_parallel as dp
 from sae_cache.sae_common import distributed as D
-from sae_cache.sae_common.architectures import ARCHS, Arch, aux_reconstruction_loss
+from sae_cache.sae_common.architectures import ARCHS, Arch, aux_keep, aux_reconstruction_loss
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae_config import SAEConfig  # noqa: F401  (re-exported: the SAE's config)
 from sae_cache.sae_common.sparse import (Latents, Selection, densify, gather_columns, gather_pre, mask_flat,
@@ -187,10 +187,8 @@ class SAE(nn.Module):
                 return self._select(pre_BF, n_global), pre_BF
         pre_BF = self.pre_activations(xn_BD)
         with torch.no_grad():
-            active_BF = self.arch.active(self, pre_BF)
-            n_active = int(active_BF.sum())
-            pays = sparse_pays(n_active, active_BF.numel(), self.sparse_max_density)
-            return (mask_flat(active_BF) if pays else None), pre_BF
+            flat_N = mask_flat(self.arch.active(self, pre_BF))  # their number decides; no separate count pass
+            return (flat_N if sparse_pays(len(flat_N), pre_BF.numel(), self.sparse_max_density) else None), pre_BF
 
     def _select(self, pre_BF: Tensor, n_global: int | None) -> Tensor:
         """The architecture's selection: over this rank's rows, or for batch-level ones in a data-parallel step
@@ -228,30 +226,30 @@ class SAE(nn.Module):
 
     def _aux(self, pre_BF: Tensor, xn_BD: Tensor, residual_BD: Tensor, dense: bool,
              n_global: int | None = None) -> Tensor:
-        """aux_coeff · the auxiliary loss (AuxK or aux_zipf). On the dense path pre_BF carries the graph; on the
-        sparse one it has none, and with C candidate latents (dead or under-used) a dense [B, C] recomputation
-        costs ~4·B·C·d at GEMM speed, the sparse one ~4·B·aux_k·d at gather speed (an order of magnitude slower
-        per FLOP): dense unless candidates far outnumber aux_k."""
+        """aux_coeff · the auxiliary loss (AuxK or aux_zipf). On the dense path pre_BF carries the graph. On the
+        sparse one it has none; of the C candidate latents (dead or under-used) only the entries each token keeps
+        (its aux_k best) with a positive value carry anything, and like relu's activations they decide the path:
+        the sparse one while at most sparse_max_density of the [B, C] entries (~4·n·d at gather speed), else
+        the candidates' columns densely (~4·B·C·d at GEMM speed, an order of magnitude faster per FLOP)."""
         weight_F = self.arch.aux_weights(self)
         cand_C = (weight_F > 0).nonzero().squeeze(1)
         if len(cand_C) == 0 or self.cfg.aux_coeff == 0:  # aux_coeff 0: no loss, no gradient, nothing to compute
             return xn_BD.new_zeros(())
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        if dense or len(cand_C) < 16 * self.cfg.aux_k:
-            if dense:
-                pre_BC = pre_BF[:, cand_C]
+        weight_C, W_dec_CD = weight_F[cand_C], self.W_dec[cand_C]
+        if dense:
+            aux = aux_reconstruction_loss(pre_BF[:, cand_C], weight_C, W_dec_CD, residual_BD, self.cfg.aux_k)
+        else:
+            with torch.no_grad():
+                keep_BC = aux_keep(pre_BF.index_select(1, cand_C), weight_C, self.cfg.aux_k)
+                rows_N, c_N = keep_BC.nonzero(as_tuple=True)  # row-major, and cand_C ascending: sorted flat indices
+            if sparse_pays(len(rows_N), keep_BC.numel(), self.sparse_max_density):
+                sel = Selection(rows_N * pre_BF.shape[1] + cand_C[c_N], pre_BF.shape)
+                v_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu() * weight_F[sel.cols]
+                aux = (sparse_decode(v_N, self.W_dec, sel) - residual_BD).pow(2).mean()
             else:  # the columns of the pre_BF this step has, with their encoder gradient (no GEMM to redo them)
                 pre_BC = gather_columns(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, cand_C)
-            aux = aux_reconstruction_loss(pre_BC, weight_F[cand_C], self.W_dec[cand_C], residual_BD, self.cfg.aux_k)
-        else:
-            B, F = pre_BF.shape
-            with torch.no_grad():  # the aux_k best weighted candidates of each token, as flat indices
-                scores_BC = pre_BF[:, cand_C].relu() * weight_F[cand_C]
-                idx_BA = scores_BC.topk(self.cfg.aux_k, dim=-1, sorted=False).indices
-                flat = torch.arange(B, device=pre_BF.device)[:, None] * F + cand_C[idx_BA]
-                sel = Selection(flat.flatten().sort().values, (B, F))
-            v_A = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu() * weight_F[sel.cols]
-            aux = (sparse_decode(v_A, self.W_dec, sel) - residual_BD).pow(2).mean()
+                aux = aux_reconstruction_loss(pre_BC, weight_C, W_dec_CD, residual_BD, self.cfg.aux_k, keep_BC)
         if self.cfg.aux_normalised:  # Gao et al. 2024: relative to the variance of the residual (of the global batch)
             var = (residual_BD - residual_BD.mean(0)).pow(2).mean() if n_global is None else \
                 dp.global_centred_sq(residual_BD, n_global) / (n_global * residual_BD.shape[1])

@@ -291,4 +291,4 @@ def nonzero_flat(mask_N: Tensor) -> Tensor:
 
 
 def mask_flat(mask_BF: Tensor) -> Tensor:
-    return mask_BF.flatten().nonzero().squeeze(1)
+    return nonzero_flat(mask_BF.flatten())
