@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from sae_cache.sae_common import data_parallel as dp
 from sae_cache.sae_common import distributed as D
-from sae_cache.sae_common.architectures import ARCHS, Arch, aux_keep, aux_reconstruction_loss
+from sae_cache.sae_common.architectures import ARCHS, Arch, aux_keep, aux_reconstruction_loss, plain_reconstruction
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae_config import SAEConfig  # noqa: F401  (re-exported: the SAE's config)
 from sae_cache.sae_common.sparse import (Latents, Selection, densify, gather_columns, gather_pre, mask_flat,
@@ -215,8 +215,9 @@ class SAE(nn.Module):
         if self.arch.aux_weights is not None:
             aux = self._aux(pre_BF, xn_BD, (xn_BD - xhat_n_BD).detach(), dense=latents.acts_BF is not None,
                             n_global=n_global)
-        with torch.no_grad():
-            mse = (xhat_n_BD - xn_BD).pow(2).mean()
+        with torch.no_grad():  # the plain reconstruction loss is this MSE already
+            plain = self.arch.reconstruction is plain_reconstruction
+            mse = recon.detach() if plain else (xhat_n_BD - xn_BD).pow(2).mean()
         l0 = latents.l0()
         if n_global is not None:
             share = xn_BD.shape[0] / n_global

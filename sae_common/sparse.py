@@ -102,7 +102,8 @@ class _GatherPre(torch.autograd.Function):
 
 class _GatherColumns(torch.autograd.Function):
     """pre[:, cand_C] where pre = (x − b_dec) W_enc + b_enc, from the pre_BF the step already has (no graph), with
-    the gradient of that formula: dW_enc[:, cand] = (x − b_dec)ᵀ G, db_enc[cand] = Σ_b G, db_dec = −W_enc[:, cand] Σ_b G.
+    the gradient of that formula: dW_enc[:, cand] = (x − b_dec)ᵀ G, db_enc[cand] = Σ_b G,
+    db_dec = −W_enc[:, cand] Σ_b G.
     The auxiliary loss's candidate columns on the sparse path: recomputing them as (x − b_dec) W_enc[:, cand] +
     b_enc[cand] costs a [B, d] x [d, C] GEMM forward and another backward (through x − b_dec) that this avoids."""
 
@@ -275,7 +276,13 @@ def batch_topk_flat(acts_BF: Tensor, n_keep: int) -> Tensor:
         threshold = sample.kthvalue(sample.numel() - m).values
         candidates = nonzero_flat(flat > threshold)
         if candidates.numel() >= n_keep:
-            return candidates[flat[candidates].topk(n_keep, sorted=False).indices].sort().values
+            # the n_keep-th largest candidate value, and the candidates at or above it: still sorted, no top-k and
+            # sort of the kept indices (unless a tie there keeps more than n_keep)
+            values = flat[candidates]
+            kept = candidates[values >= values.kthvalue(values.numel() - n_keep + 1).values]
+            if kept.numel() == n_keep:
+                return kept
+            return candidates[values.topk(n_keep, sorted=False).indices].sort().values
     return flat.topk(n_keep, sorted=False).indices.sort().values
 
 

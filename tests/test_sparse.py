@@ -17,6 +17,16 @@ ACTIVE_ARCHS = [name for name, arch in ARCHS.items() if arch.active is not None]
 B, D, F, K = 64, 16, 96, 4
 
 
+def test_batch_topk_flat_with_ties_at_the_boundary_keeps_exactly_n_keep():
+    """Integer values: the n_keep-th largest is tied with many others, so the candidates at or above it are more
+    than n_keep and the selection falls back to a top-k among them."""
+    acts = torch.randint(0, 50, (512, 2048), generator=torch.Generator().manual_seed(10)).float()
+    fast = batch_topk_flat(acts, 512 * 4)
+    assert len(fast) == 512 * 4 and bool((fast[1:] > fast[:-1]).all())
+    want = acts.flatten().topk(512 * 4).values.sort().values
+    assert torch.equal(acts.flatten()[fast].sort().values, want)
+
+
 def test_every_topk_family_architecture_has_the_sparse_path():
     assert set(SPARSE_ARCHS) == {"topk", "batchtopk", "feature_choice", "mutual_choice",
                                  "matryoshka_batchtopk"}
