@@ -18,12 +18,15 @@ B, D, F, K = 64, 16, 96, 4
 
 
 def test_batch_topk_flat_with_ties_at_the_boundary_keeps_exactly_n_keep():
-    """Integer values: the n_keep-th largest is tied with many others, so the candidates at or above it are more
-    than n_keep and the selection falls back to a top-k among them."""
-    acts = torch.randint(0, 50, (512, 2048), generator=torch.Generator().manual_seed(10)).float()
-    fast = batch_topk_flat(acts, 512 * 4)
-    assert len(fast) == 512 * 4 and bool((fast[1:] > fast[:-1]).all())
-    want = acts.flatten().topk(512 * 4).values.sort().values
+    """40 entries tied at the n_keep-th largest value: the candidates at or above it are more than n_keep, and the
+    selection falls back to a top-k among them."""
+    n_keep = 512 * 4
+    acts = torch.randn(512, 2048, generator=torch.Generator().manual_seed(10))
+    order = acts.flatten().argsort(descending=True)
+    acts.view(-1)[order[n_keep - 20:n_keep + 20]] = acts.flatten()[order[n_keep - 1]].item()
+    fast = batch_topk_flat(acts, n_keep)
+    assert len(fast) == n_keep and bool((fast[1:] > fast[:-1]).all())
+    want = acts.flatten().topk(n_keep).values.sort().values
     assert torch.equal(acts.flatten()[fast].sort().values, want)
 
 
