@@ -182,7 +182,18 @@ def sampled_dot(a_BD: Tensor, b_FD: Tensor, sel: Selection) -> Tensor:
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
         pattern = torch.sparse_csr_tensor(sel.crow(), sel.cols, a_BD.new_zeros(len(sel.cols)), sel.shape,
                                           check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
+        try:
+            return torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
+        except (RuntimeError, NotImplementedError):  # a device or dtype without it (only the CPU is tested here)
+            return gathered_dot(a_BD, b_FD, sel)
+
+
+def gathered_dot(a_BD: Tensor, b_FD: Tensor, sel: Selection, chunk: int = 1 << 16) -> Tensor:
+    """sampled_dot by gathering the rows, `chunk` entries at a time (2·chunk·D floats of scratch)."""
+    out = a_BD.new_empty(len(sel.cols))
+    for lo in range(0, len(out), chunk):
+        out[lo:lo + chunk] = torch.linalg.vecdot(a_BD[sel.rows[lo:lo + chunk]], b_FD[sel.cols[lo:lo + chunk]])
+    return out
 
 
 def sparse_decode(vals_N: Tensor, W_dec: Tensor, sel: Selection) -> Tensor:

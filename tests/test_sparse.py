@@ -8,9 +8,8 @@ import torch
 from sae_cache.sae_common.architectures import ARCHS
 from sae_cache.sae_common.sae import SAE, SAEConfig
 from sae_cache.sae_common.sparse import (SPARSE_MAX_DENSITY, Selection, batch_topk_flat, densify, gather_columns,
-                                         gather_pre,
-                                         nonzero_flat, sample_stride, sampled_dot, sparse_decode, sparse_pays,
-                                         topk_flat, transpose)
+                                         gather_pre, gathered_dot, nonzero_flat, sample_stride, sampled_dot,
+                                         sparse_decode, sparse_pays, topk_flat, transpose)
 
 SPARSE_ARCHS = [name for name, arch in ARCHS.items() if arch.select is not None]
 ACTIVE_ARCHS = [name for name, arch in ARCHS.items() if arch.active is not None]
@@ -279,6 +278,7 @@ def test_sampled_dot_equals_the_gathered_dot_products():
     sel = Selection(batch_topk_flat(torch.randn(B, F, generator=g), B * K), (B, F))
     want = (a[sel.rows] * b[sel.cols]).sum(1)
     torch.testing.assert_close(sampled_dot(a, b, sel), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered_dot(a, b, sel, chunk=100), want, rtol=1e-5, atol=1e-5)  # the fallback
 
 
 @pytest.mark.parametrize("n,row_length", [(4096 * 12288, 12288), (2048 * 16384, 16384), (100, 7), (10**6, 3 * 5 * 7)])
