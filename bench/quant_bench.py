@@ -50,6 +50,11 @@ def stored_forms(x_ND: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
         "int8_per_channel": (per_channel.float() * scales_1D, zstd_bytes(per_channel.numpy(), Blosc.NOSHUFFLE)),
         "fp8_e4m3_per_row": (fp8.float() * fp8_scales,
                              zstd_bytes(fp8.view(torch.int8).numpy(), Blosc.NOSHUFFLE) + 4 * len(x_ND)),
+        # the same codes with Blosc's bit shuffle: bit-planes of small codes are long runs of equal bits
+        "int8_per_row_bitshuffle": (dequantize(codes, scales),
+                                    zstd_bytes(codes.numpy(), Blosc.BITSHUFFLE) + 4 * len(x_ND)),
+        "int8_per_channel_bitshuffle": (per_channel.float() * scales_1D,
+                                        zstd_bytes(per_channel.numpy(), Blosc.BITSHUFFLE)),
     }
 
 
