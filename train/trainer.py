@@ -48,7 +48,9 @@ class Member:
     n: int = 0
     last: dict[str, float] = field(default_factory=dict)
 
-    def step(self, x_BD: torch.Tensor) -> None:
+    def step(self, x_BD: torch.Tensor, spread: torch.Tensor | None = None) -> None:
+        """One training step on x_BD. spread: Σ (x − x̄)² of this batch, the FVU's denominator, when the caller has it
+        (the training loop computes it once per batch for every SAE of the sweep)."""
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(x_BD.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             out = self.sae(x_BD)
@@ -61,7 +63,7 @@ class Member:
             metrics = global_metrics(out.loss, out.mse, out.l0, out.aux, out.x_hat, x_BD)
         else:
             with torch.no_grad():  # fraction of variance unexplained of this batch, in raw space
-                fvu = (out.x_hat - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()
+                fvu = torch.dist(out.x_hat, x_BD).pow(2) / (batch_spread(x_BD) if spread is None else spread)
             metrics = {"loss": out.loss, "mse": out.mse, "fvu": fvu, "l0": out.l0, "aux": out.aux}
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0) + value.detach().float()
@@ -73,6 +75,11 @@ class Member:
                   "dead": int(self.sae.dead_mask().sum())}
         self.sums, self.n, self.last = {}, 0, record
         return record
+
+
+def batch_spread(x_BD: torch.Tensor) -> torch.Tensor:
+    """Σ (x − x̄)² over the batch, x̄ its mean token: the total variance that the FVU divides by."""
+    return (x_BD - x_BD.mean(0)).pow(2).sum()
 
 
 def nonfinite_rows(x_BD: torch.Tensor) -> list[int] | None:
@@ -130,8 +137,9 @@ def train_loop(members: list[Member], batches: Iterable[torch.Tensor], *, start_
                     raise TrainingError(f"batch {done} holds NaN/inf in {len(bad)} row(s): cache rows "
                                         f"{source_rows(done, bad)[:10]}; training stopped, the last good checkpoint "
                                         "is kept")
+                spread = batch_spread(x_BD)  # once for the sweep
                 for m in members:
-                    m.step(x_BD)
+                    m.step(x_BD, spread)
                 done += 1
                 at_end, stopping = done == n_batches, any_rank(stop.set)
                 if done % log_every == 0 or at_end or stopping:
