@@ -1,7 +1,7 @@
 """Where one training step's time goes: torch.profiler over a few of our steps, each op's own time put in one of
 the parts the README names, one JSON line per architecture (milliseconds per step, and each part's share).
 
-    .venv/bin/python bench/step_profile.py [--shape gpt2|gemma-2-2b] [--archs batchtopk] [--steps 3]
+    .venv/bin/python bench/step_profile.py [--shape gpt2|gemma-2-2b] [--archs batchtopk] [--steps 3] [--density X]
 
 The parts, by the op and the shape it ran on (B tokens, d inputs, F latents):
   encoder_gemm    the addmm of the [B, d] x [d, F] pre-activations (with the bias it adds)
@@ -64,8 +64,9 @@ def part(name: str, shapes: list, parents: list[str], d: int, F: int, B: int) ->
     return "other"
 
 
-def breakdown(arch: str, d: int, F: int, B: int, k: int, steps: int, show_other: int = 0) -> dict[str, float]:
-    step = our_step(arch, d, F, B, k, "cpu", "float32")
+def breakdown(arch: str, d: int, F: int, B: int, k: int, steps: int, show_other: int = 0,
+              density: float | None = None) -> dict[str, float]:
+    step = our_step(arch, d, F, B, k, "cpu", "float32", density=density)
     step()
     with profile(record_shapes=True) as prof:
         for _ in range(steps):
@@ -93,12 +94,13 @@ def main() -> None:
     ap.add_argument("--archs", default="batchtopk")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--density", type=float, default=None, help="relu/jumprelu: the fraction of active entries")
     ap.add_argument("--show-other", type=int, default=0, help="print the N largest ops counted as other (stderr)")
     args = ap.parse_args()
     retain_freed_memory()
     d, F, B = (SHAPES[args.shape][key] for key in ("d", "F", "B"))
     for arch in args.archs.split(","):
-        ms = breakdown(arch, d, F, B, args.k, args.steps, args.show_other)
+        ms = breakdown(arch, d, F, B, args.k, args.steps, args.show_other, args.density)
         total = sum(ms.values())
         print(json.dumps({"bench": "step_profile", "arch": arch, "shape": args.shape, "d": d, "F": F, "B": B,
                           "k": args.k, "step_ms": round(total, 1), "ms": {p: round(v, 1) for p, v in ms.items()},
