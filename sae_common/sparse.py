@@ -16,7 +16,8 @@ all tested equal to the dense path in tests/test_sparse.py.
 Where a BatchTopK step's time goes beside the encoder GEMM (bench/train_bench.py, 2-core CPU, float32), and
 what each change here bought: the selection (one pass over B·F to find the candidates above a sampled
 threshold, nonzero_flat reading 8 flags at a time), the sparse products, the encoder gradient's transpose
-(blocked), the decoder constraint (blocked, in place; sae.py) and fused Adam. README "Performance" has the figures.
+(blocked), the decoder constraint (blocked, in place; sae.py) and fused Adam. The README's "Where a training
+step's time goes" has the figures (bench/step_profile.py).
 """
 
 from __future__ import annotations
