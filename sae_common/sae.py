@@ -19,8 +19,7 @@ from sae_cache.sae_common.architectures import ARCHS, Arch, aux_keep, aux_recons
 from sae_cache.sae_common.errors import ConfigError
 from sae_cache.sae_common.sae_config import SAEConfig  # noqa: F401  (re-exported: the SAE's config)
 from sae_cache.sae_common.sparse import (Latents, Selection, densify, gather_columns, gather_pre, mask_flat,
-                                         sparse_decode,
-                                         SPARSE_MAX_DENSITY, sparse_pays)
+                                         sparse_decode, SPARSE_MAX_DENSITY, sparse_pays)
 
 
 @dataclass
