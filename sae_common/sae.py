@@ -240,15 +240,16 @@ class SAE(nn.Module):
         if dense:
             aux = aux_reconstruction_loss(pre_BF[:, cand_C], weight_C, W_dec_CD, residual_BD, self.cfg.aux_k)
         else:
-            with torch.no_grad():
-                keep_BC = aux_keep(pre_BF.index_select(1, cand_C), weight_C, self.cfg.aux_k)
+            with torch.no_grad():  # the candidates' columns, taken once for the choice of path and the dense one
+                pre_BC = pre_BF.index_select(1, cand_C)
+                keep_BC = aux_keep(pre_BC, weight_C, self.cfg.aux_k)
                 rows_N, c_N = keep_BC.nonzero(as_tuple=True)  # row-major, and cand_C ascending: sorted flat indices
             if sparse_pays(len(rows_N), keep_BC.numel(), self.sparse_max_density):
                 sel = Selection(rows_N * pre_BF.shape[1] + cand_C[c_N], pre_BF.shape)
                 v_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu() * weight_F[sel.cols]
                 aux = (sparse_decode(v_N, self.W_dec, sel) - residual_BD).pow(2).mean()
             else:  # the columns of the pre_BF this step has, with their encoder gradient (no GEMM to redo them)
-                pre_BC = gather_columns(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, cand_C)
+                pre_BC = gather_columns(pre_BC, xn_BD, self.W_enc, self.b_enc, b_dec, cand_C)
                 aux = aux_reconstruction_loss(pre_BC, weight_C, W_dec_CD, residual_BD, self.cfg.aux_k, keep_BC)
         if self.cfg.aux_normalised:  # Gao et al. 2024: relative to the variance of the residual (of the global batch)
             var = (residual_BD - residual_BD.mean(0)).pow(2).mean() if n_global is None else \

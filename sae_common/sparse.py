@@ -102,16 +102,16 @@ class _GatherPre(torch.autograd.Function):
 
 
 class _GatherColumns(torch.autograd.Function):
-    """pre[:, cand_C] where pre = (x − b_dec) W_enc + b_enc, from the pre_BF the step already has (no graph), with
-    the gradient of that formula: dW_enc[:, cand] = (x − b_dec)ᵀ G, db_enc[cand] = Σ_b G,
+    """pre[:, cand_C] where pre = (x − b_dec) W_enc + b_enc, from the columns of pre_BF the step already has (no
+    graph), with the gradient of that formula: dW_enc[:, cand] = (x − b_dec)ᵀ G, db_enc[cand] = Σ_b G,
     db_dec = −W_enc[:, cand] Σ_b G.
     The auxiliary loss's candidate columns on the sparse path: recomputing them as (x − b_dec) W_enc[:, cand] +
     b_enc[cand] costs a [B, d] x [d, C] GEMM forward and another backward (through x − b_dec) that this avoids."""
 
     @staticmethod
-    def forward(ctx, pre_BF, x_in_BD, W_enc, b_enc, b_dec, cand_C):
+    def forward(ctx, pre_BC, x_in_BD, W_enc, b_enc, b_dec, cand_C):
         ctx.save_for_backward(x_in_BD, W_enc, b_dec, cand_C)
-        return pre_BF.index_select(1, cand_C).to(W_enc.dtype)
+        return pre_BC.to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, g_BC):
@@ -127,11 +127,11 @@ class _GatherColumns(torch.autograd.Function):
         return None, None, g_W_enc, g_b_enc, g_b_dec, None
 
 
-def gather_columns(pre_BF: Tensor, x_in_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,
+def gather_columns(pre_BC: Tensor, x_in_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,
                    cand_C: Tensor) -> Tensor:
-    """The pre-activations of the latents cand_C (sorted, distinct), with their encoder gradient (b_dec=None: b_dec
-    not subtracted)."""
-    return _GatherColumns.apply(pre_BF, x_in_BD, W_enc, b_enc, b_dec, cand_C)
+    """The pre-activations pre_BC = pre_BF[:, cand_C] of the latents cand_C (sorted, distinct), already taken
+    without a graph, given their encoder gradient (b_dec=None: b_dec not subtracted)."""
+    return _GatherColumns.apply(pre_BC, x_in_BD, W_enc, b_enc, b_dec, cand_C)
 
 
 def transpose(a_FD: Tensor, block: int = 256) -> Tensor:

@@ -296,7 +296,8 @@ def test_gather_columns_has_the_recomputed_columns_gradients():
     with torch.no_grad():
         pre = (x - b_dec) @ W_enc + b_enc
     weight = torch.randn(B, len(cand), generator=g)
-    got = torch.autograd.grad((gather_columns(pre, x, W_enc, b_enc, b_dec, cand) * weight).sum(), (W_enc, b_enc, b_dec))
+    got = torch.autograd.grad((gather_columns(pre[:, cand], x, W_enc, b_enc, b_dec, cand) * weight).sum(),
+                              (W_enc, b_enc, b_dec))
     recomputed = (x - b_dec) @ W_enc[:, cand] + b_enc[cand]
     want = torch.autograd.grad((recomputed * weight).sum(), (W_enc, b_enc, b_dec))
     for name, a, b in zip(("W_enc", "b_enc", "b_dec"), got, want):
