@@ -115,7 +115,7 @@ def aux_reconstruction_loss(pre_BF: Tensor, weight_F: Tensor, W_dec_FD: Tensor, 
     if keep_BC is None:
         keep_BC = aux_keep(pre_BF, weight_F, aux_k)
     e_hat_BD = (torch.relu(pre_BF) * weight_F * keep_BC) @ W_dec_FD
-    return (e_hat_BD - residual_BD.detach()).pow(2).mean()
+    return torch.nn.functional.mse_loss(e_hat_BD, residual_BD.detach())
 
 
 def zipf_fit(density_F: Tensor, exponent: float | None = None) -> Tensor:
@@ -258,7 +258,7 @@ def _jumprelu_threshold(sae: SAE) -> Tensor:
 def plain_reconstruction(sae: SAE, latents: Latents, xn_BD: Tensor) -> tuple[Tensor, Tensor]:
     """x̂ = f·W_dec + b_dec and its MSE, the mean over all B·D elements (the BatchTopK reference's convention)."""
     xhat_n_BD = latents.decode(sae.W_dec) + sae.b_dec
-    return xhat_n_BD, (xhat_n_BD - xn_BD).pow(2).mean()
+    return xhat_n_BD, torch.nn.functional.mse_loss(xhat_n_BD, xn_BD)  # one pass each way (sub, pow, mean: 6)
 
 
 def group_ends(d_sae: int, fractions: tuple[float, ...]) -> list[int]:

@@ -212,8 +212,7 @@ class SAE(nn.Module):
                                         xn_BD.shape[0])
         aux = zero
         if self.arch.aux_weights is not None:
-            aux = self._aux(pre_BF, xn_BD, (xn_BD - xhat_n_BD).detach(), dense=latents.acts_BF is not None,
-                            n_global=n_global)
+            aux = self._aux(pre_BF, xn_BD, xhat_n_BD, dense=latents.acts_BF is not None, n_global=n_global)
         with torch.no_grad():  # the plain reconstruction loss is this MSE already
             plain = self.arch.reconstruction is plain_reconstruction
             mse = recon.detach() if plain else (xhat_n_BD - xn_BD).pow(2).mean()
@@ -221,20 +220,23 @@ class SAE(nn.Module):
         if n_global is not None:
             share = xn_BD.shape[0] / n_global
             recon, penalty, aux, mse, l0 = (t * share for t in (recon, penalty, aux, mse, l0))
-        return SAEOutput(x_hat=xhat_n_BD * scale + shift, acts=latents.acts_BF, loss=recon + penalty + aux,
+        x_hat_BD = torch.addcmul(shift, xhat_n_BD, scale)  # x̂_n · scale + shift in one pass
+        return SAEOutput(x_hat=x_hat_BD, acts=latents.acts_BF, loss=recon + penalty + aux,
                          recon=recon, mse=mse, penalty=penalty, aux=aux, l0=l0)
 
-    def _aux(self, pre_BF: Tensor, xn_BD: Tensor, residual_BD: Tensor, dense: bool,
+    def _aux(self, pre_BF: Tensor, xn_BD: Tensor, xhat_n_BD: Tensor, dense: bool,
              n_global: int | None = None) -> Tensor:
-        """aux_coeff · the auxiliary loss (AuxK or aux_zipf). On the dense path pre_BF carries the graph. On the
-        sparse one it has none; of the C candidate latents (dead or under-used) only the entries each token keeps
-        (its aux_k best) with a positive value carry anything, and like relu's activations they decide the path:
-        the sparse one while at most sparse_max_density of the [B, C] entries (~4·n·d at gather speed), else
-        the candidates' columns densely (~4·B·C·d at GEMM speed, an order of magnitude faster per FLOP)."""
+        """aux_coeff · the auxiliary loss (AuxK or aux_zipf), fitting the residual x_n − x̂_n. On the dense path
+        pre_BF carries the graph. On the sparse one it has none; of the C candidate latents (dead or under-used) only
+        the entries each token keeps (its aux_k best) with a positive value carry anything, and like relu's
+        activations they decide the path: the sparse one while at most sparse_max_density of the [B, C] entries
+        (~4·n·d at gather speed), else the candidates' columns densely (~4·B·C·d at GEMM speed, an order of
+        magnitude faster per FLOP)."""
         weight_F = self.arch.aux_weights(self)
         cand_C = (weight_F > 0).nonzero().squeeze(1)
         if len(cand_C) == 0 or self.cfg.aux_coeff == 0:  # aux_coeff 0: no loss, no gradient, nothing to compute
             return xn_BD.new_zeros(())
+        residual_BD = (xn_BD - xhat_n_BD).detach()
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         weight_C, W_dec_CD = weight_F[cand_C], self.W_dec[cand_C]
         if dense:
@@ -247,7 +249,7 @@ class SAE(nn.Module):
             if sparse_pays(len(rows_N), keep_BC.numel(), self.sparse_max_density):
                 sel = Selection(rows_N * pre_BF.shape[1] + cand_C[c_N], pre_BF.shape)
                 v_N = gather_pre(pre_BF, xn_BD, self.W_enc, self.b_enc, b_dec, sel).relu() * weight_F[sel.cols]
-                aux = (sparse_decode(v_N, self.W_dec, sel) - residual_BD).pow(2).mean()
+                aux = torch.nn.functional.mse_loss(sparse_decode(v_N, self.W_dec, sel), residual_BD)
             else:  # the columns of the pre_BF this step has, with their encoder gradient (no GEMM to redo them)
                 pre_BC = gather_columns(pre_BC, xn_BD, self.W_enc, self.b_enc, b_dec, cand_C)
                 aux = aux_reconstruction_loss(pre_BC, weight_C, W_dec_CD, residual_BD, self.cfg.aux_k, keep_BC)
