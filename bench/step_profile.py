@@ -51,13 +51,13 @@ def part(name: str, shapes: list, parents: list[str], d: int, F: int, B: int) ->
         return "transpose"
     usual = {B, d, F, 1, 256, 1024, F % 1024, F % 256}
     if any(len(s) == 2 and (B in s or d in s) and any(x not in usual for x in s) for s in shapes) or \
-            name == "aten::index_select" and any(len(s) == 1 and s[0] not in usual for s in shapes):
+            name == "aten::index_select" and len(first) == 2 and any(len(s) == 1 and s[0] not in usual for s in shapes):
         return "aux_loss"  # a [B, C], [C, d] or [d, C] matrix: C candidate columns
     if len(first) == 2 and first[0] in (F, 1024, F % 1024) and first[1] in (d, 1) and name in (
             "aten::linalg_vector_norm", "aten::div_", "aten::mul", "aten::sum", "aten::addcmul_", "aten::linalg_vecdot"):
         return "decoder"  # (sae.py works on blocks of 1024 rows)
     if name in ("aten::gt", "aten::nonzero", "aten::kthvalue", "aten::topk", "aten::sort", "aten::argsort",
-                "aten::index", "aten::bincount", "aten::cumsum", "aten::remainder", "aten::div", "aten::ge",
+                "aten::index", "aten::index_select", "aten::bincount", "aten::cumsum", "aten::remainder", "aten::div", "aten::ge",
                 "aten::__and__", "aten::bitwise_and", "aten::index_put_", "aten::_index_put_impl_") and \
             first and (first[0] * (first[1] if len(first) > 1 else 1) >= B * F // 64 or len(first) == 1):
         return "selection"
