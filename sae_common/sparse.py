@@ -272,22 +272,32 @@ def sample_stride(n: int, row_length: int, size: int = 1 << 18) -> int:
     return stride
 
 
+# The BatchTopK threshold's sample: its m-th largest value has ~1.5·n_keep entries above it, and the count's
+# relative spread is ~1/sqrt(m). m = 500: 4.5%, so too few candidates (the slow fall back) is a >7σ event.
+SAMPLE_RANK = 500
+
+
+def threshold_sample_size(n: int, n_keep: int) -> int:
+    """How many of n entries to sample for the threshold of n_keep: enough for rank SAMPLE_RANK above it (at
+    least 2^14; 131K of 50M at the GPT-2 shape; a fixed 2^18 was 2x more there and too few at small k/F)."""
+    return min(n, max(1 << 14, math.ceil(SAMPLE_RANK * n / (1.5 * n_keep))))
+
+
 def batch_topk_flat(acts_BF: Tensor, n_keep: int) -> Tensor:
     """Flat indices of the n_keep largest entries of the whole matrix (BatchTopK), sorted.
 
     A full top-k over B·F entries is slow (it sorts its output), so a strided sample first estimates a value
-    that at most ~2·n_keep entries exceed; the exact top-k then runs over those candidates only. If the
+    that ~1.5·n_keep entries exceed; the exact top-k then runs over those candidates only. If the
     estimate leaves fewer than n_keep candidates, it falls back to the full top-k. The kept set is the same
     as `acts_BF.flatten().topk(n_keep)` (up to ties at the boundary, measure zero for continuous values).
     """
     flat = acts_BF.flatten()
     n = flat.numel()
-    sample = flat[::sample_stride(n, acts_BF.shape[-1])]
+    sample = flat[::sample_stride(n, acts_BF.shape[-1], threshold_sample_size(n, n_keep))]
     if n_keep * 8 < n and sample.numel() > 1000:
-        # about 1.5 times the entries needed lie above the sample's m-th largest value (m >= ~750 at the
-        # paper's shapes, so the count's relative spread is under 4%: too few candidates is a >10σ event, and
-        # falls back). kthvalue: a selection, not a sort; torch.quantile sorts and costs more than the whole
-        # selection it is meant to speed up.
+        # about 1.5 times the entries needed lie above the sample's m-th largest value (m ~ SAMPLE_RANK; too
+        # few candidates falls back). kthvalue: a selection, not a sort; torch.quantile sorts and costs more than
+        # the whole selection it is meant to speed up.
         m = max(1, int(1.5 * n_keep / n * sample.numel()))
         threshold = sample.kthvalue(sample.numel() - m).values
         candidates = nonzero_flat(flat > threshold)

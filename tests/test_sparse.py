@@ -50,6 +50,24 @@ def test_batch_topk_flat_equals_the_naive_full_topk(shape, n_keep):
         assert torch.equal(fast, naive)  # without ties at the boundary, the very same entries
 
 
+def test_batch_topk_flat_at_a_small_k_over_f_finds_enough_candidates_without_falling_back(monkeypatch):
+    """k=2 of 65536 latents: the threshold's sample grows with F/k, so the candidates above it are enough (a fixed
+    2^18 samples left ~12 above the threshold, and the count fell short, into the full top-k, ~1 run in 8)."""
+    real_topk = torch.Tensor.topk
+
+    def topk_only_over_candidates(t, k, *args, **kwargs):
+        assert t.numel() < 10 * k, f"a top-k over {t.numel()} entries: the selection fell back to the full top-k"
+        return real_topk(t, k, *args, **kwargs)
+
+    for seed in range(8):
+        acts = torch.randn(256, 65536, generator=torch.Generator().manual_seed(seed))
+        want = acts.flatten().topk(512).indices.sort().values
+        monkeypatch.setattr(torch.Tensor, "topk", topk_only_over_candidates)
+        fast = batch_topk_flat(acts, 512)
+        monkeypatch.setattr(torch.Tensor, "topk", real_topk)
+        assert torch.equal(fast, want)
+
+
 def test_topk_flat_equals_per_row_topk():
     acts = torch.randn(33, 50, generator=torch.Generator().manual_seed(1))
     sel = Selection(topk_flat(acts, 5), acts.shape)
