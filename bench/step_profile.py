@@ -49,10 +49,15 @@ def part(name: str, shapes: list, parents: list[str], d: int, F: int, B: int) ->
         return "sparse_products"
     if name == "aten::copy_" and first in ([d, 256], [d, F % 256], [d, F]):  # (blocked, or whole)
         return "transpose"
+    if name == "aten::topk" and len(first) == 2 and first[1] == 128:
+        return "selection"  # Feature Choice's top-m down the columns, 128 columns at a time
     usual = {B, d, F, 1, 256, 1024, F % 1024, F % 256}
     if any(len(s) == 2 and (B in s or d in s) and any(x not in usual for x in s) for s in shapes) or \
-            name == "aten::index_select" and len(first) == 2 and any(len(s) == 1 and s[0] not in usual for s in shapes):
-        return "aux_loss"  # a [B, C], [C, d] or [d, C] matrix: C candidate columns
+            name == "aten::index_select" and len(first) == 2 and any(len(s) == 1 and s[0] not in usual for s in shapes) or \
+            name == "aten::mm" and all(F not in s for s in shapes) or [B, B] in shapes:
+        # a [B, C], [C, d] or [d, C] matrix: C candidate columns (C = B looks like [B, B]; the sparse path's only
+        # plain mm are the auxiliary loss's)
+        return "aux_loss"
     if len(first) == 2 and first[0] in (F, 1024, F % 1024) and first[1] in (d, 1) and name in (
             "aten::linalg_vector_norm", "aten::div_", "aten::mul", "aten::sum", "aten::addcmul_", "aten::linalg_vecdot"):
         return "decoder"  # (sae.py works on blocks of 1024 rows)
