@@ -53,7 +53,8 @@ def part(name: str, shapes: list, parents: list[str], d: int, F: int, B: int) ->
         return "selection"  # Feature Choice's top-m down the columns, 128 columns at a time
     usual = {B, d, F, 1, 256, 1024, F % 1024, F % 256}
     if any(len(s) == 2 and (B in s or d in s) and any(x not in usual for x in s) for s in shapes) or \
-            name == "aten::index_select" and len(first) == 2 and any(len(s) == 1 and s[0] not in usual for s in shapes) or \
+            name == "aten::index_select" and len(first) == 2 and \
+            any(len(s) == 1 and s[0] not in usual for s in shapes) or \
             name == "aten::mm" and all(F not in s for s in shapes) or [B, B] in shapes:
         # a [B, C], [C, d] or [d, C] matrix: C candidate columns (C = B looks like [B, B]; the sparse path's only
         # plain mm are the auxiliary loss's)
@@ -62,8 +63,8 @@ def part(name: str, shapes: list, parents: list[str], d: int, F: int, B: int) ->
             "aten::linalg_vector_norm", "aten::div_", "aten::mul", "aten::sum", "aten::addcmul_", "aten::linalg_vecdot"):
         return "decoder"  # (sae.py works on blocks of 1024 rows)
     if name in ("aten::gt", "aten::nonzero", "aten::kthvalue", "aten::topk", "aten::sort", "aten::argsort",
-                "aten::index", "aten::index_select", "aten::bincount", "aten::cumsum", "aten::remainder", "aten::div", "aten::ge",
-                "aten::__and__", "aten::bitwise_and", "aten::index_put_", "aten::_index_put_impl_") and \
+                "aten::index", "aten::index_select", "aten::bincount", "aten::cumsum", "aten::remainder", "aten::div",
+                "aten::ge", "aten::__and__", "aten::bitwise_and", "aten::index_put_", "aten::_index_put_impl_") and \
             first and (first[0] * (first[1] if len(first) > 1 else 1) >= B * F // 64 or len(first) == 1):
         return "selection"
     return "other"

@@ -185,7 +185,8 @@ def sampled_dot(a_BD: Tensor, b_FD: Tensor, sel: Selection) -> Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
         crow = torch.cat([col_offsets, col_offsets.new_full((1,), len(order))])
-        pattern = torch.sparse_csr_tensor(crow, rows_by_col, a_BD.new_zeros(len(order)), (F, B), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(crow, rows_by_col, a_BD.new_zeros(len(order)), (F, B),
+                                          check_invariants=False)
         try:
             by_col = torch.sparse.sampled_addmm(pattern, b_FD, a_BD.T, beta=0.0).values()
         except (RuntimeError, NotImplementedError):  # a device or dtype without it (only the CPU is tested here)
@@ -280,7 +281,7 @@ SAMPLE_RANK = 500
 def threshold_sample_size(n: int, n_keep: int) -> int:
     """How many of n entries to sample for the threshold of n_keep: enough for rank SAMPLE_RANK above it (at
     least 2^14; 131K of 50M at the GPT-2 shape; a fixed 2^18 was 2x more there and too few at small k/F)."""
-    return min(n, max(1 << 14, math.ceil(SAMPLE_RANK * n / (1.5 * n_keep))))
+    return min(n, max(1 << 14, math.ceil(SAMPLE_RANK * n / (1.5 * max(n_keep, 1)))))
 
 
 def batch_topk_flat(acts_BF: Tensor, n_keep: int) -> Tensor:
