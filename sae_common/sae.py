@@ -215,7 +215,7 @@ class SAE(nn.Module):
             aux = self._aux(pre_BF, xn_BD, xhat_n_BD, dense=latents.acts_BF is not None, n_global=n_global)
         with torch.no_grad():  # the plain reconstruction loss is this MSE already
             plain = self.arch.reconstruction is plain_reconstruction
-            mse = recon.detach() if plain else (xhat_n_BD - xn_BD).pow(2).mean()
+            mse = recon.detach() if plain else nn.functional.mse_loss(xhat_n_BD, xn_BD)
         l0 = latents.l0()
         if n_global is not None:
             share = xn_BD.shape[0] / n_global

@@ -69,6 +69,12 @@ def bag_sum(table_RD: Tensor, ids_N: Tensor, offsets: Tensor, weights_N: Tensor)
     return torch.nn.functional.embedding_bag(ids_N, table_RD, offsets, mode="sum", per_sample_weights=weights_N)
 
 
+def _encoder_input(x_in_BD: Tensor, b_dec: Tensor | None) -> Tensor:
+    """x − b_dec, what the encoder multiplies (x itself when b_dec is not subtracted): the encoder gradients'
+    left factor."""
+    return x_in_BD - b_dec if b_dec is not None else x_in_BD
+
+
 class _GatherPre(torch.autograd.Function):
     """vals_n = pre[rows_n, cols_n] where pre = (x − b_dec) W_enc + b_enc, with the gradient of that formula.
 
@@ -91,7 +97,7 @@ class _GatherPre(torch.autograd.Function):
         g_b_enc_F = torch.zeros(sel.shape[1], dtype=g_N.dtype, device=g_N.device).index_add_(0, sel.cols, g_N)
         g_W_enc = g_b_dec = None
         if ctx.needs_input_grad[2]:
-            x_c_BD = (x_in_BD - b_dec if b_dec is not None else x_in_BD).to(g_N.dtype)
+            x_c_BD = _encoder_input(x_in_BD, b_dec).to(g_N.dtype)
             order, rows_by_col, col_offsets = sel.by_column()
             g_FD = bag_sum(x_c_BD, rows_by_col, col_offsets, g_N.index_select(0, order))
             g_W_enc = transpose(g_FD)  # [F, D] -> [D, F]
@@ -119,7 +125,7 @@ class _GatherColumns(torch.autograd.Function):
         g_b_enc = g_C.new_zeros(W_enc.shape[1]).index_copy_(0, cand_C, g_C)
         g_W_enc = g_b_dec = None
         if ctx.needs_input_grad[2]:
-            x_c_BD = (x_in_BD - b_dec if b_dec is not None else x_in_BD).to(g_BC.dtype)
+            x_c_BD = _encoder_input(x_in_BD, b_dec).to(g_BC.dtype)
             g_W_enc = torch.zeros_like(W_enc).index_copy_(1, cand_C, x_c_BD.T @ g_BC)
         if b_dec is not None and ctx.needs_input_grad[4]:
             g_b_dec = -(W_enc.index_select(1, cand_C) @ g_C)
